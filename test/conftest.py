@@ -1,0 +1,31 @@
+"""Test-wide set-up: ROS traffic kept to this test run, and shared helpers as fixtures."""
+import os
+import sys
+from pathlib import Path
+
+# Before anything imports rclpy: a domain of this run's own and localhost-only discovery, so
+# tests neither see nor disturb other ROS graphs (or other test runs) and need no network.
+os.environ["ROS_DOMAIN_ID"] = os.environ.get("THEIA_TEST_DOMAIN_ID", str(os.getpid() % 100 + 1))
+os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+os.environ.pop("ROS_STATIC_PEERS", None)
+os.environ.pop("ROS_LOCALHOST_ONLY", None)
+os.environ["PYTHONUNBUFFERED"] = "1"
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from theia_ros.ros_env import use_package_fastdds_profile  # noqa: E402
+
+use_package_fastdds_profile()
+
+import pytest  # noqa: E402
+
+
+
+@pytest.fixture(scope="session")
+def ros_client():
+    """An in-process rclpy node (own context and executor) the tests talk through."""
+    from ros_helpers import RosTestClient
+
+    client = RosTestClient("theia_test_client")
+    yield client
+    client.close()
