@@ -1,0 +1,65 @@
+"""The interface the encoder uses to run Theia, whatever engine runs it.
+
+A backend is built (or loaded from its cache) once, then `run()` maps a batch of uint8 RGB images
+to features. It reports its precision, device and an identity that names everything its output
+depends on.
+"""
+from abc import ABC, abstractmethod
+
+import torch
+
+from theia_ros.preprocess import to_model_input
+
+TEACHER_PREFIX = "teacher:"
+
+
+class BackendError(RuntimeError):
+    """A backend that cannot be built, loaded or trusted."""
+
+
+class InferenceBackend(ABC):
+    name = "base"
+
+    def __init__(self, model, representation="tokens", precision="fp32", device="cpu", max_batch=4):
+        self.model = model
+        self.representation = representation
+        self.precision = precision
+        self.device = torch.device(device)
+        self.max_batch = int(max_batch)
+
+    @property
+    def identity(self):
+        """What the output depends on: shown in logs, diagnostics and bench tables."""
+        return {
+            "backend": self.name,
+            "precision": self.precision,
+            "device": str(self.device),
+            "model": self.model.variant,
+            "weights_id": self.model.weights_id,
+            "random_weights": self.model.random_weights,
+            "representation": self.representation,
+        }
+
+    def run(self, images):
+        """uint8 RGB images [B, H, W, 3] (numpy or torch) -> features [B, ...] on the CPU."""
+        return self.run_pixels(to_model_input(images))
+
+    @abstractmethod
+    def run_pixels(self, pixels):
+        """Preprocessed float pixels [B, 3, 224, 224] in [-1, 1] -> features [B, ...] on the CPU."""
+
+
+def reference_forward(model, pixels, representation):
+    """The fp32 eager torch output every other engine is validated against."""
+    if representation.startswith(TEACHER_PREFIX):
+        return model.teacher_from_pixels(pixels, representation[len(TEACHER_PREFIX):])
+    return model.features_from_pixels(pixels, representation)
+
+
+def create_backend(name, model, representation="tokens", precision="fp32", device="cpu", max_batch=4, **options):
+    """Build a backend by name: "torch" (eager, CPU or CUDA)."""
+    if name == "torch":
+        from theia_ros.backends.torch_backend import TorchBackend
+
+        return TorchBackend(model, representation, precision, device, max_batch, **options)
+    raise BackendError(f"unknown backend {name!r}; available: torch")
