@@ -2,7 +2,7 @@
 #   make demo   set up (first time: ~2 min) and run the main job: the whole graph on embedded defaults
 #   make test   set up and run the test suite (what .ci/run runs)
 PY := .venv/bin/python
-DEMO_SECONDS ?= 20
+DEMO_SECONDS ?= 30
 
 .PHONY: setup demo test bench clean
 

@@ -1,0 +1,352 @@
+"""theia_policy: Theia features (+ joint states) in, safe joint commands out.
+
+The policy itself is plain Python (theia_ros.policies), chosen by parameter: a registered name
+(`hold`, `mlp`, `theia_head`, or a third-party entry point), or a dotted path, with its weights
+from `policy_checkpoint`. This node only assembles observations, runs the policy on a fixed-rate
+timer, and passes every action through the safety filter:
+
+- no command before the first valid observation;
+- non-finite actions rejected, positions clamped to joint limits, steps to max_velocity;
+- a watchdog: observations older than `max_observation_age` (the encoder or a camera stalled, or
+  the encoder process died) stop the commands (`on_stale: stop`) or hold the last one (`hold`);
+  they resume when fresh observations return;
+- `~/enable` (std_srvs/SetBool) switches commanding on and off.
+"""
+import sys
+import time
+
+import numpy as np
+import rclpy
+import yaml
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.node import Node
+from rclpy.qos import QoSProfile, ReliabilityPolicy, HistoryPolicy, qos_profile_sensor_data
+from sensor_msgs.msg import JointState
+from std_msgs.msg import Float64MultiArray
+from std_srvs.srv import SetBool
+from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+
+from theia_ros.features import FeaturesFormatError, features_to_numpy
+from theia_ros.msg import Features, MultiCameraFeatures
+from theia_ros.policies import ObservationBuffer, ObservationError, PolicyError, make_policy
+from theia_ros.ros_env import use_package_fastdds_profile
+from theia_ros.safety import CommandFilter
+from theia_ros.stats import LatencyWindow, LogThrottle, RateMeter
+
+COMMAND_FORMATS = {
+    "float64_multi_array": (Float64MultiArray, "commands"),  # ros2_control forward_command_controller
+    "joint_trajectory": (JointTrajectory, "joint_trajectory"),
+    "joint_state": (JointState, "joint_command"),
+}
+
+
+def _seconds(stamp):
+    return stamp.sec + stamp.nanosec * 1e-9
+
+
+class TheiaPolicyNode(Node):
+    def __init__(self, **kwargs):
+        super().__init__("theia_policy", **kwargs)
+        self._declare_parameters()
+        p = self._param
+        self.policy = self._make_policy()
+        spec, action = self.policy.observation_spec, self.policy.action_spec
+        self.buffer = ObservationBuffer(spec, max_skew=p("max_camera_skew"), proprio_tolerance=p("proprio_tolerance"))
+        lower, upper = list(p("joint_lower")), list(p("joint_upper"))
+        self.safety = CommandFilter(action.joint_names, lower or action.lower, upper or action.upper,
+                                    max_velocity=p("max_velocity"), mode=action.mode)
+        self.enabled = p("enabled_on_start")
+        self.last_command = None
+        self.last_command_time = None
+        self.measured = {}
+        self.stale = True
+        self.random_features = False
+        self.counts = {"commands": 0, "observation_errors": 0, "rejected_actions": 0, "stale_ticks": 0,
+                       "bad_messages": 0}
+        self.act_latency = LatencyWindow()
+        self.command_rate = RateMeter()
+        self._throttle = LogThrottle(period=2.0)
+
+        msg_type, topic = COMMAND_FORMATS[p("command_format")]
+        self.command_pub = self.create_publisher(msg_type, topic, 10)
+        feature_qos = QoSProfile(depth=5, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE)
+        if p("features_input") == "synchronized":
+            self.create_subscription(MultiCameraFeatures, "features/synchronized", self._on_multi, feature_qos)
+        else:
+            for cam in spec.cameras:
+                self.create_subscription(Features, f"{cam}/features",
+                                         lambda msg, cam=cam: self._on_features(cam, msg), feature_qos)
+        self.create_subscription(JointState, "joint_states", self._on_joint_state, qos_profile_sensor_data)
+        self.create_service(SetBool, "~/enable", self._on_enable)
+        self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.create_timer(1.0 / p("rate"), self._on_tick)
+        self.create_timer(p("diagnostics_period"), self._publish_diagnostics)
+        self.get_logger().info(
+            f"policy {self.policy.name} ({type(self.policy).__name__}): cameras {spec.cameras} "
+            f"{spec.representation} {list(spec.feature_shape)} x{spec.history}, joints {action.joint_names} "
+            f"({action.mode}), {p('command_format')} on {self.command_pub.topic_name} at {p('rate')} Hz, "
+            f"{'enabled' if self.enabled else 'disabled (call ~/enable)'}")
+
+    # ------------------------------------------------------------------ set-up
+    def _declare_parameters(self):
+        def d(name, default, description, int_range=None, float_range=None):
+            desc = ParameterDescriptor(description=description, read_only=True)
+            if int_range:
+                desc.integer_range = [IntegerRange(from_value=int_range[0], to_value=int_range[1], step=1)]
+            if float_range:
+                desc.floating_point_range = [FloatingPointRange(from_value=float(float_range[0]),
+                                                                to_value=float(float_range[1]), step=0.0)]
+            self.declare_parameter(name, default, desc)
+
+        d("policy", "hold", "Policy: a registered name (hold, mlp, theia_head, or a plugin's entry point) or a "
+          "dotted path module:Class.")
+        d("policy_checkpoint", "", "Directory with config.yaml + model.safetensors (from train-policy); "
+          "empty: build the policy from the parameters below.")
+        d("policy_params", "{}", "Policy hyper-parameters as a YAML mapping (no checkpoint only).")
+        d("cameras", ["camera"], "Cameras observed; features read from <camera>/features.")
+        d("features_input", "per_camera", "per_camera: <camera>/features; synchronized: features/synchronized.")
+        d("representation", "tokens", "Representation the policy observes (no checkpoint only).")
+        d("feature_shape", [196, 192], "Shape of one camera's features (no checkpoint only).")
+        d("history", 1, "Frames of history per camera (no checkpoint only).", int_range=(1, 64))
+        d("joint_names", ["joint1"], "Commanded joints, in command order (no checkpoint only).")
+        d("proprio_joints", ["__same_as_joint_names__"], "Joints observed from joint_states (no checkpoint "
+          "only); default: the commanded joints; [''] for none.")
+        d("action_mode", "position", "position or velocity (no checkpoint only).")
+        d("rate", 10.0, "Command rate (Hz).", float_range=(0.1, 1000.0))
+        d("command_format", "float64_multi_array", "float64_multi_array (topic commands, for a ros2_control "
+          "forward_command_controller), joint_trajectory (topic joint_trajectory) or joint_state (topic "
+          "joint_command).")
+        d("trajectory_time_from_start", 0.1, "time_from_start of the JointTrajectory point (s).",
+          float_range=(0.0, 60.0))
+        d("joint_lower", [0.0], "Lower joint limits (empty or [0.0] placeholder: the policy's own).")
+        d("joint_upper", [0.0], "Upper joint limits (empty or [0.0] placeholder: the policy's own).")
+        d("max_velocity", 0.0, "Largest joint speed (rad/s or m/s) a command may ask for; 0: no limit.",
+          float_range=(0.0, 1000.0))
+        d("max_observation_age", 0.5, "Watchdog: observations older than this (s) stop the commands.",
+          float_range=(0.001, 60.0))
+        d("on_stale", "stop", "Watchdog action: stop (send nothing) or hold (repeat the last position; zero "
+          "velocity).")
+        d("max_camera_skew", 0.05, "Largest stamp difference between cameras of one observation (s).",
+          float_range=(0.0, 10.0))
+        d("proprio_tolerance", 0.1, "Largest stamp difference between frame and joint state (s).",
+          float_range=(0.0, 10.0))
+        d("enabled_on_start", True, "Command from the start; false: wait for ~/enable.")
+        d("diagnostics_period", 1.0, "Seconds between /diagnostics messages.", float_range=(0.1, 60.0))
+        d("torch_threads", 1, "torch intra-op threads for the policy; 0 keeps torch's default.",
+          int_range=(0, 256))
+
+    def _param(self, name):
+        value = self.get_parameter(name).value
+        if name in ("joint_lower", "joint_upper") and list(value) == [0.0]:
+            return []
+        return value
+
+    def _make_policy(self):
+        p = self._param
+        if p("torch_threads") > 0:
+            import torch
+
+            torch.set_num_threads(p("torch_threads"))
+        for name, choices in (("command_format", COMMAND_FORMATS), ("on_stale", ("stop", "hold")),
+                              ("features_input", ("per_camera", "synchronized"))):
+            if p(name) not in choices:
+                raise ValueError(f"parameter {name}={p(name)!r}: must be one of {', '.join(choices)}")
+        if p("policy_checkpoint"):
+            return make_policy(p("policy") or None, checkpoint=p("policy_checkpoint"))
+        joints = list(p("joint_names"))
+        proprio = list(p("proprio_joints"))
+        if proprio == ["__same_as_joint_names__"]:
+            proprio = joints
+        proprio = [j for j in proprio if j]
+        config = {
+            "observation": {"cameras": list(p("cameras")), "representation": p("representation"),
+                            "feature_shape": list(p("feature_shape")), "proprio_joints": proprio,
+                            "history": p("history")},
+            "action": {"joint_names": joints, "mode": p("action_mode")},
+            "params": yaml.safe_load(p("policy_params")) or {},
+        }
+        return make_policy(p("policy"), config=config)
+
+    # ------------------------------------------------------------------ inputs
+    def _warn(self, key, text):
+        suffix = self._throttle(key)
+        if suffix is not None:
+            self.get_logger().warning(f"{self._tag()}{text}{suffix}")
+
+    def _on_features(self, camera, msg):
+        try:
+            array = features_to_numpy(msg)
+            if msg.random_weights and not self.random_features:
+                self.random_features = True
+                self.get_logger().warning(f"[RANDOM WEIGHTS] features on {camera} come from random weights "
+                                          f"({msg.weights_id}): actions are meaningless")
+            self.buffer.push_features(camera, _seconds(msg.header.stamp), array,
+                                      representation=msg.representation)
+        except (FeaturesFormatError, ObservationError) as exc:
+            self.counts["bad_messages"] += 1
+            self._warn(("features", camera, type(exc).__name__), f"dropped features from {camera}: {exc}")
+
+    def _on_multi(self, msg):
+        for features in msg.cameras:
+            if features.camera in self.policy.observation_spec.cameras:
+                self._on_features(features.camera, features)
+
+    def _on_joint_state(self, msg):
+        try:
+            if len(msg.position) != len(msg.name):
+                raise ObservationError(f"joint_states has {len(msg.name)} names but {len(msg.position)} positions")
+            self.measured.update(zip(msg.name, msg.position))
+            if self.policy.observation_spec.proprio_joints:
+                self.buffer.push_joint_state(_seconds(msg.header.stamp), list(msg.name), list(msg.position),
+                                             list(msg.velocity) or None)
+        except (ObservationError, ValueError) as exc:
+            self.counts["bad_messages"] += 1
+            self._warn(("joint_states",), f"dropped joint_states: {exc}")
+
+    def _on_enable(self, request, response):
+        if request.data and not self.enabled:
+            self.policy.reset()
+            self.last_command = None
+        self.enabled = bool(request.data)
+        response.success = True
+        response.message = "commanding enabled" if self.enabled else "commanding disabled"
+        self.get_logger().info(response.message)
+        return response
+
+    # ------------------------------------------------------------------ control loop
+    def _now(self):
+        return self.get_clock().now().nanoseconds * 1e-9
+
+    def _on_tick(self):
+        if not self.enabled:
+            return
+        now = self._now()
+        age = self.buffer.age(now)
+        if age > self._param("max_observation_age"):
+            self._on_stale(age)
+            return
+        try:
+            observation = self.buffer.build(now)
+        except ObservationError as exc:
+            self.counts["observation_errors"] += 1
+            self._warn(("observation",), f"no observation: {exc}")
+            self._on_stale(age)
+            return
+        if self.stale:
+            self.stale = False
+            if self.last_command is not None:
+                self.get_logger().info(f"{self._tag()}observations fresh again (age {age * 1e3:.0f} ms): commanding")
+        t0 = time.perf_counter()
+        try:
+            action = self.policy.act(observation)
+        except (PolicyError, ObservationError, ValueError) as exc:
+            self.counts["rejected_actions"] += 1
+            self._warn(("act", type(exc).__name__), f"action rejected, nothing sent: {exc}")
+            return
+        finally:
+            self.act_latency.add(time.perf_counter() - t0)
+        previous = self.last_command
+        if previous is None:
+            joints = self.policy.action_spec.joint_names
+            if all(j in self.measured for j in joints):
+                previous = np.array([self.measured[j] for j in joints])
+        dt = None if self.last_command_time is None else now - self.last_command_time
+        if previous is not None and dt is None:
+            dt = 1.0 / self._param("rate")
+        command = self.safety.filter(action, previous, dt)
+        if command is None:
+            self.counts["rejected_actions"] += 1
+            self._warn(("unsafe",), f"action {np.asarray(action).tolist()} rejected by the safety filter")
+            return
+        self._send(command)
+        self.last_command, self.last_command_time = command, now
+
+    def _on_stale(self, age):
+        self.counts["stale_ticks"] += 1
+        if not self.stale:
+            self.stale = True
+            what = "holding the last command" if self._param("on_stale") == "hold" else "commands stopped"
+            self.get_logger().warning(f"{self._tag()}watchdog: newest observation is {age:.2f} s old "
+                                      f"(max_observation_age {self._param('max_observation_age')} s): {what}")
+        if self._param("on_stale") == "hold" and self.last_command is not None:
+            if self.policy.action_spec.mode == "velocity":
+                self._send(np.zeros_like(self.last_command))
+            else:
+                self._send(self.last_command)
+
+    def _send(self, command):
+        fmt = self._param("command_format")
+        joints = self.policy.action_spec.joint_names
+        values = [float(v) for v in command]
+        if fmt == "float64_multi_array":
+            msg = Float64MultiArray(data=values)
+        elif fmt == "joint_trajectory":
+            msg = JointTrajectory(joint_names=joints)
+            msg.header.stamp = self.get_clock().now().to_msg()
+            point = JointTrajectoryPoint()
+            if self.policy.action_spec.mode == "velocity":
+                point.velocities = values
+            else:
+                point.positions = values
+            t = self._param("trajectory_time_from_start")
+            point.time_from_start.sec, point.time_from_start.nanosec = int(t), int((t % 1) * 1e9)
+            msg.points = [point]
+        else:
+            msg = JointState(name=joints)
+            msg.header.stamp = self.get_clock().now().to_msg()
+            if self.policy.action_spec.mode == "velocity":
+                msg.velocity = values
+            else:
+                msg.position = values
+        self.command_pub.publish(msg)
+        self.counts["commands"] += 1
+        self.command_rate.tick()
+
+    # ------------------------------------------------------------------ diagnostics
+    def _tag(self):
+        return "[RANDOM WEIGHTS] " if self.random_features else ""
+
+    def _publish_diagnostics(self):
+        array = DiagnosticArray()
+        array.header.stamp = self.get_clock().now().to_msg()
+        status = DiagnosticStatus(name=f"{self.get_name()}: policy", hardware_id=self.policy.name)
+        problems = self.random_features or self.stale or self.counts["rejected_actions"]
+        status.level = DiagnosticStatus.WARN if problems else DiagnosticStatus.OK
+        status.message = ("disabled" if not self.enabled else "stale observations: not commanding" if self.stale
+                          else "commanding") + (" (features from RANDOM WEIGHTS)" if self.random_features else "")
+        p = self.act_latency.percentiles_ms()
+        values = {"enabled": self.enabled, "stale": self.stale, "command_hz": round(self.command_rate.rate(), 2),
+                  "act_ms_p50": round(p[50], 3), "act_ms_p99": round(p[99], 3),
+                  "observation_age_s": round(self.buffer.age(self._now()), 3),
+                  "random_weight_features": self.random_features, **self.counts, **self.safety.counts}
+        status.values = [KeyValue(key=k, value=str(v)) for k, v in values.items()]
+        array.status.append(status)
+        self.diag_pub.publish(array)
+
+
+def main(argv=None):
+    use_package_fastdds_profile()
+    rclpy.init(args=argv if argv is not None else sys.argv)
+    try:
+        node = TheiaPolicyNode()
+    except Exception as exc:  # a bad policy configuration: say why and exit non-zero, before commanding
+        rclpy.logging.get_logger("theia_policy").fatal(f"cannot start: {exc}")
+        rclpy.try_shutdown()
+        return 1
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
