@@ -35,6 +35,16 @@ def find_config(name):
     return Path(get_package_share_directory("theia_ros")) / "config" / name
 
 
+class _NoAliasDumper(yaml.SafeDumper):
+    def ignore_aliases(self, data):  # rcl's YAML parser refuses anchors and aliases
+        return True
+
+
+def dump_params(params, stream=None):
+    """A ROS parameters YAML (no anchors/aliases, which rcl refuses)."""
+    return yaml.dump(params, stream, Dumper=_NoAliasDumper, sort_keys=False)
+
+
 def apply_overrides(params, overrides):
     """`node.param=value` strings (value parsed as YAML) applied to a parameters mapping."""
     for item in overrides:
@@ -55,7 +65,7 @@ class Graph:
             raise ValueError(f"no node to start for sections {unknown}; known: {sorted(NODE_MODULES)}")
         self.params = params
         self.file = tempfile.NamedTemporaryFile("w", prefix="theia_ros_bringup_", suffix=".yaml", delete=False)
-        yaml.safe_dump(params, self.file)
+        dump_params(params, self.file)
         self.file.close()
         from theia_ros.ros_env import child_environment
 

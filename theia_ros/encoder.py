@@ -47,7 +47,10 @@ class FeatureEncoder:
         """
         configs = preprocess_configs or [None] * len(frames)
         t0 = time.perf_counter()
-        pixels = torch.cat([to_model_input(frame, config) for frame, config in zip(frames, configs)])
+        if len(frames) == 1:
+            pixels = to_model_input(frames[0], configs[0])
+        else:  # frames may differ in size: resize each, then batch
+            pixels = torch.cat([to_model_input(frame, config) for frame, config in zip(frames, configs)])
         t1 = time.perf_counter()
         step = self.backend.max_batch
         outputs = [self.backend.run_pixels(pixels[i:i + step]) for i in range(0, len(pixels), step)]
