@@ -16,9 +16,16 @@ setup(
     data_files=[
         ("share/ament_index/resource_index/packages", ["resource/theia_ros"]),
         ("share/theia_ros", ["package.xml"]),
+        # encode-bag registers the Features type in bags from these definitions (no rosidl needed)
+        ("share/theia_ros/msg", ["msg/Features.msg", "msg/MultiCameraFeatures.msg"]),
     ],
     python_requires=">=3.10",
-    install_requires=["numpy", "torch", "safetensors", "transformers", "pyyaml", "opencv-python-headless"],
+    install_requires=["numpy", "ml_dtypes", "torch", "safetensors", "transformers", "huggingface_hub", "pyyaml",
+                      "opencv-python-headless"],
+    extras_require={
+        "bags": ["rosbags", "tqdm", "matplotlib"],
+        "onnx": ["onnx", "onnxruntime", "onnxscript"],
+    },
     entry_points={
         "console_scripts": [
             "theia-ros = theia_ros.cli:main",

@@ -10,6 +10,8 @@ import sys
 # module path of each sub-command provider, in the order `--help` lists them
 SUBCOMMAND_MODULES = [
     "theia_ros.model_cli",
+    "theia_ros.backends_cli",
+    "theia_ros.bag_cli",
     "theia_ros.bringup",
 ]
 

@@ -183,7 +183,7 @@ class TheiaPolicyNode(Node):
                 self.get_logger().warning(f"[RANDOM WEIGHTS] features on {camera} come from random weights "
                                           f"({msg.weights_id}): actions are meaningless")
             self.buffer.push_features(camera, _seconds(msg.header.stamp), array,
-                                      representation=msg.representation)
+                                      representation=msg.representation, model_id=msg.model_id)
         except (FeaturesFormatError, ObservationError) as exc:
             self.counts["bad_messages"] += 1
             self._warn(("features", camera, type(exc).__name__), f"dropped features from {camera}: {exc}")
