@@ -59,8 +59,9 @@ def latest_camera_diag(diags, camera):
 def test_raw_camera_features_match_the_model_and_bad_frames_are_dropped(ros_client, tmp_path, reference_model):
     feats, fsub = ros_client.collect(Features, "front/features")
     diags, dsub = ros_client.collect(DiagnosticArray, "/diagnostics")
+    pictures, psub = ros_client.collect(Image, "front/features_image")
     pub = ros_client.publisher(Image, "front/image_raw")
-    with start_encoder(tmp_path, cameras=["front"]) as node:
+    with start_encoder(tmp_path, cameras=["front"], debug_image=True, debug_image_rate=30.0) as node:
         assert ros_client.wait_for_subscribers(pub, timeout=60), node.output()
         assert "RANDOM WEIGHTS" in node.output()
 
@@ -75,6 +76,10 @@ def test_raw_camera_features_match_the_model_and_bad_frames_are_dropped(ros_clie
         want = reference_model.forward_feature(good[None])[0].numpy()
         assert got.shape == (196, 192)
         np.testing.assert_allclose(got, want, atol=1e-4)
+        assert wait_until(lambda: len(pictures) >= 1, 10), node.output()
+        picture = pictures[0][1]
+        assert (picture.height, picture.width, picture.encoding) == (224, 224, "rgb8")
+        assert picture.header.stamp.sec == 5 and len(picture.data) == 224 * 224 * 3
 
         bgr = image_msg(good[..., ::-1].copy(), 6_000_000_000, encoding="bgr8")
         pub.publish(bgr)  # same picture as bgr8: same features
@@ -112,7 +117,7 @@ def test_raw_camera_features_match_the_model_and_bad_frames_are_dropped(ros_clie
             assert reason in out, out
         assert node.alive()
     assert node.proc.returncode == 0
-    for entity in (fsub, dsub):
+    for entity in (fsub, dsub, psub):
         ros_client.node.destroy_subscription(entity)
     ros_client.node.destroy_publisher(pub)
 
