@@ -17,7 +17,9 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 if ! cmp -s requirements.txt "$stamp"; then
   echo "[setup] installing pinned requirements (first time: ~1-2 min)"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check -r requirements.txt
+  mkdir -p build
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check -r requirements.txt >build/pip.log 2>&1 \
+    || { tail -40 build/pip.log; echo "[setup] pip install failed (full log: build/pip.log)"; exit 1; }
   cp requirements.txt "$stamp"
 fi
 
