@@ -15,7 +15,7 @@ def main():
     failed = []
     for script in sorted(HERE.glob("bench_*.py")):
         print(f"\n# {script.name}\n", flush=True)
-        if subprocess.run([sys.executable, str(script), *sys.argv[1:]]).returncode != 0:
+        if subprocess.run([sys.executable, str(script)]).returncode != 0:
             failed.append(script.name)
     if failed:
         print(f"\nbenchmarks that exited non-zero: {failed}", file=sys.stderr)

@@ -6,6 +6,20 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 start=$(date +%s)
+# Headless rendering for the simulator (MuJoCo with MUJOCO_GL=egl on Mesa): Debian packages, only
+# when missing (needs root; skipped where there is no dpkg/apt-get).
+gl_pkgs="libegl1 libegl-mesa0 libgl1-mesa-dri libopengl0"
+if command -v dpkg >/dev/null && command -v apt-get >/dev/null; then
+  missing=""
+  for p in $gl_pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+  if [ -n "$missing" ]; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo=sudo
+    echo "[setup] installing$missing (EGL/Mesa for headless simulator rendering)"
+    $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive \
+      apt-get install -y -qq --no-install-recommends $missing >/dev/null
+  fi
+fi
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 venv=$root/.venv
@@ -21,6 +35,11 @@ if ! cmp -s requirements.txt "$stamp"; then
   "$venv/bin/python" -m pip install -q --disable-pip-version-check -r requirements.txt >build/pip.log 2>&1 \
     || { tail -40 build/pip.log; echo "[setup] pip install failed (full log: build/pip.log)"; exit 1; }
   cp requirements.txt "$stamp"
+fi
+if ! cmp -s requirements-nodeps.txt "$stamp-nodeps"; then
+  echo "[setup] installing data-only wheels without their dependencies (requirements-nodeps.txt)"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
+  cp requirements-nodeps.txt "$stamp-nodeps"
 fi
 
 export VIRTUAL_ENV=$venv

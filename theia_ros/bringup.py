@@ -21,6 +21,7 @@ NODE_MODULES = {
     "synthetic_camera": "theia_ros.synthetic_camera_node",
     "theia_encoder": "theia_ros.encoder_node",
     "theia_policy": "theia_ros.policy_node",
+    "theia_sim": "theia_ros.sim_node",
 }
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo.yaml"
 

@@ -12,7 +12,9 @@ SUBCOMMAND_MODULES = [
     "theia_ros.model_cli",
     "theia_ros.backends_cli",
     "theia_ros.bag_cli",
+    "theia_ros.distill_cli",
     "theia_ros.bringup",
+    "theia_ros.collect_cli",
 ]
 
 

@@ -56,10 +56,40 @@ def reference_forward(model, pixels, representation):
     return model.features_from_pixels(pixels, representation)
 
 
+def export_module(model, representation):
+    """A module whose forward(pixels) returns ``representation`` (or ``teacher:<id>``'s map),
+    for torch.export / ONNX / TensorRT."""
+    if representation.startswith(TEACHER_PREFIX):
+        return model.export_module(teacher=representation[len(TEACHER_PREFIX):])
+    return model.export_module(representation)
+
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "auto")
+
+
 def create_backend(name, model, representation="tokens", precision="fp32", device="cpu", max_batch=4, **options):
-    """Build a backend by name: "torch" (eager, CPU or CUDA)."""
+    """Build a backend by name.
+
+    * "torch": eager PyTorch on the CPU or CUDA (fp32, bf16; fp16 on CUDA), optional torch.compile;
+    * "onnxruntime": ONNX Runtime on the CPU (fp32), ONNX graph exported once and cached;
+    * "tensorrt": Torch-TensorRT engine on CUDA (fp32, fp16, bf16), built once and cached;
+    * "auto": the fastest of those that run here at ``precision`` (see backends.auto).
+    Options are passed to the backend (e.g. cache_dir, rebuild, threads, compile).
+    """
     if name == "torch":
         from theia_ros.backends.torch_backend import TorchBackend
 
         return TorchBackend(model, representation, precision, device, max_batch, **options)
-    raise BackendError(f"unknown backend {name!r}; available: torch")
+    if name == "onnxruntime":
+        from theia_ros.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(model, representation, precision, device, max_batch, **options)
+    if name == "tensorrt":
+        from theia_ros.backends.tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend(model, representation, precision, device, max_batch, **options)
+    if name == "auto":
+        from theia_ros.backends.auto import create_auto_backend
+
+        return create_auto_backend(model, representation, precision, device, max_batch, **options)
+    raise BackendError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
