@@ -64,6 +64,17 @@ def export_module(model, representation):
     return model.export_module(representation)
 
 
+def canonical_representation(model, representation):
+    """``teacher:clip`` and ``teacher:openai/clip-vit-large-patch14`` name the same output: engine
+    cache keys use the full teacher id."""
+    if representation.startswith(TEACHER_PREFIX):
+        head = model._head(representation[len(TEACHER_PREFIX):])
+        for teacher in model.teachers:
+            if model._head(teacher) == head:
+                return TEACHER_PREFIX + teacher
+    return representation
+
+
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "auto")
 
 

@@ -1,0 +1,591 @@
+"""Inference backends: engine cache (keys, stale / foreign / corrupt entries), the accuracy gate,
+ONNX Runtime export / cache hit / accuracy, auto selection, TensorRT pure logic (and, where CUDA
+and torch_tensorrt exist, real engines).
+
+Every test uses a cache directory of this session ($THEIA_ROS_CACHE), never ~/.cache.
+"""
+import copy
+import json
+import logging
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from theia_ros.backends import BackendError, cache, create_backend
+from theia_ros.backends.validation import (
+    FP32_MIN_COSINE,
+    check_output,
+    cosine,
+    reference_output,
+    validation_pixels,
+)
+
+TINY = "random:theia-tiny-patch16-224-cddsv"
+# torch.export's own deprecation chatter while exporting (not ours)
+pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
+
+
+def _has(module):
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+needs_ort = pytest.mark.skipif(not (_has("onnxruntime") and _has("onnx") and _has("onnxscript")),
+                               reason="onnxruntime / onnx / onnxscript not installed")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tests, unlike benchmarks, need steady times: on a busy 2-core machine two torch (OpenMP)
+    threads stall each other for up to a second per forward; one thread does not."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def engine_cache(tmp_path_factory):
+    # a fresh cache per session; benchmarks/gpu_check.sh hands in the cache its exports just filled
+    # (THEIA_TEST_ENGINE_CACHE) so that the GPU tests load those engines instead of rebuilding them
+    root = os.environ.get("THEIA_TEST_ENGINE_CACHE") or tmp_path_factory.mktemp("engine_cache")
+    saved = os.environ.get(cache.ENV_VAR)
+    os.environ[cache.ENV_VAR] = str(root)
+    yield root
+    if saved is None:
+        os.environ.pop(cache.ENV_VAR, None)
+    else:
+        os.environ[cache.ENV_VAR] = saved
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from theia_ros.model import load_model
+
+    return load_model(TINY)
+
+
+# ---------------------------------------------------------------------------------- cache keys
+
+KEY = {"backend": "fake", "variant": "theia-tiny-patch16-224-cddsv", "weights_id": "sha256:aa",
+       "representation": "tokens", "precision": "fp16", "batch": [1, 4]}
+ENV = {"gpu_name": "NVIDIA Orin", "compute_capability": "8.7", "tensorrt": "10.3.0", "torch_tensorrt": "2.8.0",
+       "torch": "2.8.0"}
+
+
+def test_cache_root_default_env_and_explicit(tmp_path, monkeypatch):
+    monkeypatch.delenv(cache.ENV_VAR, raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    default = cache.cache_root()
+    assert default == __import__("pathlib").Path(os.path.expanduser("~/.cache/theia_ros/engines"))
+    assert "/tmp" not in str(default) or str(default).startswith(os.path.expanduser("~"))
+    monkeypatch.setenv(cache.ENV_VAR, str(tmp_path / "env"))
+    assert cache.cache_root() == tmp_path / "env"
+    assert cache.cache_root(tmp_path / "x") == tmp_path / "x"
+
+
+def test_key_digest_is_stable_and_separates_what_matters():
+    shuffled = dict(reversed(list(KEY.items())))
+    assert cache.key_digest(KEY) == cache.key_digest(shuffled)
+    name = cache.slot_name(KEY)
+    assert name.startswith("theia-tiny-patch16-224-cddsv_tokens_fp16_b1-4_")
+    for field, value in [("weights_id", "sha256:bb"), ("precision", "fp32"), ("batch", [1, 8]),
+                         ("representation", "teacher:facebook/sam-vit-huge")]:
+        assert cache.slot_name({**KEY, field: value}) != name, field
+    assert "/" not in cache.slot_name({**KEY, "representation": "teacher:facebook/sam-vit-huge"})
+
+
+def _fake_entry(directory, key=KEY, env=ENV, payload=b"engine-bytes" * 100):
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "engine.ep").write_bytes(payload)
+    return cache.write_sidecar(directory, key, env, ["engine.ep"], {"validation": {"cosine": 0.9995}})
+
+
+def test_check_entry_missing_valid_stale_foreign(tmp_path):
+    slot = tmp_path / "slot"
+    assert cache.check_entry(slot, KEY, ENV).startswith("missing")
+    meta = _fake_entry(slot)
+    assert meta["files"]["engine.ep"]["size"] == 1200
+    assert cache.check_entry(slot, KEY, ENV) is None
+    stale = cache.check_entry(slot, KEY, {**ENV, "tensorrt": "10.7.0"})
+    assert stale.startswith("stale") and "10.3.0" in stale and "10.7.0" in stale
+    assert cache.check_entry(slot, KEY, {**ENV, "torch_tensorrt": "2.9.0"}).startswith("stale")
+    foreign = cache.check_entry(slot, KEY, {**ENV, "gpu_name": "NVIDIA GeForce RTX 4090", "compute_capability": "8.9"})
+    assert foreign.startswith("foreign") and "RTX 4090" in foreign
+    other_weights = cache.check_entry(slot, {**KEY, "weights_id": "sha256:bb"}, ENV)
+    assert other_weights.startswith("foreign") and "weights_id" in other_weights
+
+
+def test_check_entry_corrupt_files_and_sidecars(tmp_path):
+    slot = tmp_path / "slot"
+    _fake_entry(slot)
+    engine = slot / "engine.ep"
+    data = bytearray(engine.read_bytes())
+    data[10] ^= 0xFF  # same size, other bytes: only the hash notices
+    engine.write_bytes(bytes(data))
+    assert "sha256" in cache.check_entry(slot, KEY, ENV)
+    assert cache.check_entry(slot, KEY, ENV, verify_hashes=False) is None
+    engine.write_bytes(b"short")
+    assert cache.check_entry(slot, KEY, ENV).startswith("corrupt") and "bytes" in cache.check_entry(slot, KEY, ENV)
+    engine.unlink()
+    assert "missing" in cache.check_entry(slot, KEY, ENV) and cache.check_entry(slot, KEY, ENV).startswith("corrupt")
+    (slot / cache.SIDECAR).write_text("{not json")
+    assert cache.check_entry(slot, KEY, ENV).startswith("corrupt: unreadable sidecar")
+    (slot / cache.SIDECAR).write_text(json.dumps({"format": cache.CACHE_FORMAT, "key": KEY, "environment": ENV}))
+    assert cache.check_entry(slot, KEY, ENV) == "corrupt: sidecar lists no files"
+    (slot / cache.SIDECAR).write_text(json.dumps({"format": 0, "key": KEY}))
+    assert cache.check_entry(slot, KEY, ENV).startswith("stale: cache format")
+    (slot / cache.SIDECAR).unlink()
+    engine.write_bytes(b"half")
+    assert cache.check_entry(slot, KEY, ENV).startswith("corrupt: no sidecar")  # half-written build
+
+
+def test_get_or_build_hit_rebuild_and_refusal(tmp_path, caplog):
+    calls = []
+
+    def build(directory):
+        calls.append(directory)
+        (directory / "engine.ep").write_bytes(b"x" * 64)
+        return {"files": ["engine.ep"], "validation": {"cosine": 0.9999}}
+
+    first = cache.get_or_build("fake", KEY, ENV, build, root=tmp_path)
+    assert first.status == "built" and len(calls) == 1 and first.meta["validation"]["cosine"] == 0.9999
+    second = cache.get_or_build("fake", KEY, ENV, build, root=tmp_path)
+    assert second.status == "hit" and len(calls) == 1 and second.directory == first.directory
+
+    with caplog.at_level(logging.WARNING, logger="theia_ros.backends"):
+        (first.directory / "engine.ep").write_bytes(b"y" * 64)  # corrupt
+        third = cache.get_or_build("fake", KEY, ENV, build, root=tmp_path)
+        assert third.status == "rebuilt" and "sha256" in third.reason and len(calls) == 2
+        fourth = cache.get_or_build("fake", KEY, {**ENV, "tensorrt": "10.7.0"}, build, root=tmp_path)
+        assert fourth.status == "rebuilt" and fourth.reason.startswith("stale") and len(calls) == 3
+        fifth = cache.get_or_build("fake", KEY, {**ENV, "tensorrt": "10.7.0", "gpu_name": "RTX"}, build, root=tmp_path)
+        assert fifth.reason.startswith("foreign")
+    text = caplog.text
+    assert "rebuilding" in text and "sha256" in text and "stale" in text and "foreign" in text
+
+    def refuse(directory):
+        (directory / "engine.ep").write_bytes(b"bad")
+        raise BackendError("refusing: cosine 0.5")
+
+    other = {**KEY, "precision": "fp32"}
+    with pytest.raises(BackendError, match="refusing"):
+        cache.get_or_build("fake", other, ENV, refuse, root=tmp_path)
+    slot = tmp_path / "fake" / cache.slot_name(other)
+    assert not (slot / cache.SIDECAR).exists() and not (slot / "engine.ep").exists()
+    assert cache.get_or_build("fake", other, ENV, build, root=tmp_path).status == "built"
+
+
+# ---------------------------------------------------------------------------------- accuracy gate
+
+def test_validation_input_is_deterministic():
+    a, b = validation_pixels(2), validation_pixels(2)
+    assert a.shape == (2, 3, 224, 224) and torch.equal(a, b)
+    assert -1.0 <= float(a.min()) and float(a.max()) <= 1.0 and float(a.std()) > 0.2
+    assert not torch.equal(a[0], a[1])
+
+
+def test_gate_refuses_wrong_outputs():
+    torch.manual_seed(0)
+    ref = torch.randn(2, 196, 192)
+    assert check_output(ref.clone(), ref, FP32_MIN_COSINE, "same") > 0.999999
+    slightly = ref + 1e-3 * torch.randn_like(ref)
+    assert check_output(slightly, ref, FP32_MIN_COSINE, "close") >= FP32_MIN_COSINE
+    wrong = ref.clone()
+    wrong[1] = torch.randn(196, 192)  # one sample of the batch garbage: the worst sample counts
+    with pytest.raises(BackendError, match=r"refusing broken engine: cosine similarity to fp32 torch is 0\.\d+"):
+        check_output(wrong, ref, 0.999, "broken engine")
+    with pytest.raises(BackendError, match="below the required 0.9999"):
+        check_output(ref + 0.05 * torch.randn_like(ref), ref, 0.9999, "noisy fp16 engine")
+    with pytest.raises(BackendError, match="shape"):
+        check_output(ref[:, :10], ref, 0.999, "truncated")
+    nan = ref.clone()
+    nan[0, 0, 0] = float("nan")
+    with pytest.raises(BackendError, match="NaN"):
+        check_output(nan, ref, 0.999, "overflowing fp16 engine")
+
+
+@needs_ort
+def test_onnxruntime_refuses_an_engine_that_computes_something_else(tiny, monkeypatch, caplog):
+    from theia_ros.backends import onnxruntime_backend as ortb
+
+    real_export = ortb.export_onnx
+
+    def export_other_model(model, representation, path, **kwargs):
+        other = copy.deepcopy(model)
+        with torch.no_grad():
+            other.backbone.layers[5].mlp.fc2.weight.mul_(-3.0)  # a "miscompiled" layer
+        return real_export(other, representation, path, **kwargs)
+
+    monkeypatch.setattr(ortb, "export_onnx", export_other_model)
+    builds = cache.BUILD_COUNTS["onnxruntime"]
+    with caplog.at_level(logging.WARNING, logger="theia_ros.backends"):
+        with pytest.raises(BackendError, match=r"refusing onnxruntime fp32 graph .* below the required 0\.9999"):
+            create_backend("onnxruntime", tiny, representation="mean", max_batch=2)
+    assert "fused ONNX graph refused" in caplog.text  # the unfused graph was tried too
+    assert cache.BUILD_COUNTS["onnxruntime"] == builds
+    slot = cache.cache_root() / "onnxruntime" / cache.slot_name(ortb.engine_key(tiny, "mean"))
+    assert not (slot / cache.SIDECAR).exists()
+
+
+# ---------------------------------------------------------------------------------- onnxruntime
+
+@needs_ort
+def test_onnxruntime_export_cache_hit_and_accuracy(tiny, caplog):
+    from theia_ros.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    builds = cache.BUILD_COUNTS["onnxruntime"]
+    start = time.perf_counter()
+    first = create_backend("onnxruntime", tiny, representation="tokens", max_batch=4, threads=2)
+    built_in = time.perf_counter() - start
+    assert isinstance(first, OnnxRuntimeBackend) and first.cache.status == "built"
+    assert cache.BUILD_COUNTS["onnxruntime"] == builds + 1
+    assert first.engine_path.is_file() and first.engine_path.parent.parent.parent == cache.cache_root()
+    meta = json.loads((first.engine_path.parent / cache.SIDECAR).read_text())
+    assert meta["key"]["weights_id"] == tiny.weights_id and meta["key"]["opset"] <= 18
+    assert meta["environment"]["onnxruntime"] and meta["validation"]["cosine"] >= 0.9999
+    assert meta["graph_file"] == first.engine_path.name and set(meta["files"]) == {
+        first.engine_path.name, first.engine_path.name + ".data"}
+    opts = first.session.get_session_options()
+    assert opts.intra_op_num_threads == 2
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+    with caplog.at_level(logging.INFO, logger="theia_ros.backends"):
+        start = time.perf_counter()
+        second = create_backend("onnxruntime", tiny, representation="tokens", max_batch=4, threads=2)
+        loaded_in = time.perf_counter() - start
+    assert second.cache.status == "hit" and cache.BUILD_COUNTS["onnxruntime"] == builds + 1  # not re-exported
+    assert "loaded from cache" in caplog.text
+    assert loaded_in < built_in / 3
+
+    for batch in (1, 3):  # dynamic batch, and a different input than the build validated on
+        pixels = torch.rand(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch)) * 2 - 1
+        out = second.run_pixels(pixels)
+        assert out.shape == (batch, 196, 192) and out.dtype == torch.float32
+        assert cosine(out, reference_output(tiny, pixels, "tokens")) >= 0.9999
+    images = np.random.default_rng(0).integers(0, 256, size=(2, 120, 160, 3), dtype=np.uint8)
+    assert cosine(second.run(images), tiny.forward_feature(images)) >= 0.9999
+    assert second.identity["backend"] == "onnxruntime" and second.identity["engine"].endswith(".onnx")
+
+
+@needs_ort
+def test_onnxruntime_rejects_what_it_cannot_do(tiny):
+    with pytest.raises(BackendError, match="fp32"):
+        create_backend("onnxruntime", tiny, precision="fp16")
+    with pytest.raises(BackendError, match="CPU only"):
+        create_backend("onnxruntime", tiny, device="cuda")
+    with pytest.raises(BackendError, match="unknown backend"):
+        create_backend("openvino", tiny)
+
+
+def test_lean_graph_matches_the_model(tiny):
+    from theia_ros.backends.lean import LeanTheia
+
+    pixels = validation_pixels(2)
+    for rep in ("spatial", "teacher:clip"):
+        with torch.inference_mode():
+            out = LeanTheia(tiny, rep)(pixels)
+        ref = reference_output(tiny, pixels, rep)
+        assert out.shape == ref.shape and cosine(out, ref) >= 0.99999, rep
+
+
+# ---------------------------------------------------------------------------------- torch
+
+def test_torch_backend_low_precision_is_validated(tiny):
+    from theia_ros.backends.torch_backend import cpu_has_fast_bf16
+
+    fp32 = create_backend("torch", tiny, precision="fp32")
+    assert fp32.validation_cosine is None  # the reference itself
+    bf16 = create_backend("torch", tiny, precision="bf16", max_batch=2)
+    assert bf16.validation_cosine >= 0.999
+    lean = create_backend("torch", tiny, precision="fp32", lean=True)
+    assert lean.validation_cosine >= 0.9999 and lean.identity["graph"] == "lean"
+    if not cpu_has_fast_bf16():
+        pytest.skip("bf16 runs but is emulated on this CPU")
+
+
+# ---------------------------------------------------------------------------------- auto
+
+def test_auto_plan_rules():
+    from theia_ros.backends.auto import plan
+
+    gpu = {"cuda": True, "tensorrt": True, "onnxruntime": True, "fast_bf16": True}
+    assert [c[0] for c in plan("auto", "fp16", gpu)] == ["tensorrt", "torch"]
+    assert plan("cuda:1", "fp16", gpu)[0][:3] == ("tensorrt", "fp16", "cuda:1")
+    no_trt = {**gpu, "tensorrt": False}
+    assert plan("auto", "fp32", no_trt)[0][:3] == ("torch", "fp32", "cuda")
+    cpu = {"cuda": False, "tensorrt": False, "onnxruntime": True, "fast_bf16": True}
+    assert [c[:2] for c in plan("auto", "fp32", cpu)] == [("onnxruntime", "fp32"), ("torch", "fp32")]
+    assert plan("cpu", "fp32", gpu)[0][:3] == ("onnxruntime", "fp32", "cpu")  # cpu asked: stays on the CPU
+    assert plan("auto", "bf16", cpu)[0][:2] == ("torch", "bf16")
+    assert plan("auto", "bf16", {**cpu, "fast_bf16": False})[0][:2] == ("onnxruntime", "fp32")
+    assert plan("auto", "fp16", cpu)[0][:2] == ("onnxruntime", "fp32")
+    assert plan("auto", "fp32", {**cpu, "onnxruntime": False})[0][:2] == ("torch", "fp32")
+    with pytest.raises(BackendError, match="CUDA is not available"):
+        plan("cuda", "fp16", cpu)
+
+
+def test_auto_on_this_machine(tiny):
+    backend = create_backend("auto", tiny, precision="fp32", device="cpu", max_batch=4, threads=2)
+    assert str(backend.device) == "cpu" and backend.precision == "fp32"
+    # the measured CPU winner where ONNX Runtime is installed
+    from theia_ros.backends.onnxruntime_backend import ort_available
+
+    assert backend.name == ("onnxruntime" if ort_available() else "torch")
+    assert backend.auto_reason
+    if torch.cuda.is_available():
+        gpu = create_backend("auto", copy.deepcopy(tiny), precision="fp16", device="auto", max_batch=2)
+        assert gpu.device.type == "cuda"
+
+
+@needs_ort
+def test_encoder_uses_backends(tiny):
+    from theia_ros.encoder import FeatureEncoder
+
+    encoder = FeatureEncoder.load(TINY, backend="onnxruntime", max_batch=2, threads=2)
+    frames = [np.full((48, 64, 3), v, np.uint8) for v in (0, 80, 160)]
+    features, timings = encoder.encode(frames)  # 3 frames in chunks of max_batch 2
+    assert features.shape == (3, 196, 192)
+    assert cosine(features, tiny.forward_feature(np.stack(frames))) >= 0.9999
+
+
+# ---------------------------------------------------------------------------------- tensorrt (pure logic)
+
+def test_tensorrt_batch_profile_and_key(tiny):
+    from theia_ros.backends.tensorrt_backend import batch_profile, engine_key
+
+    assert batch_profile(4) == ((1, 4, 4), 2)
+    assert batch_profile(8, 2) == ((1, 2, 8), 2)
+    assert batch_profile(1) == ((1, 1, 1), 1)
+    with pytest.raises(BackendError):
+        batch_profile(4, 5)
+    k16 = engine_key(tiny, "tokens", "fp16", 4, 4)
+    k32 = engine_key(tiny, "tokens", "fp32", 4, 4)
+    assert cache.slot_name(k16) != cache.slot_name(k32) and k32["fp16_mode"] is None
+    assert k16["weights_id"] == tiny.weights_id and k16["batch"] == [1, 4]
+
+
+def test_tensorrt_compile_and_save_arguments():
+    from theia_ros.backends.tensorrt_backend import compile_kwargs, save_kwargs
+
+    new = {"exported_program", "arg_inputs", "device", "min_block_size", "use_explicit_typing",
+           "cache_built_engines", "reuse_cached_engines", "truncate_double", "optimization_level",
+           "enable_autocast", "autocast_low_precision_type", "autocast_excluded_ops", "enabled_precisions",
+           "disable_tf32"}
+    kw = compile_kwargs(new, "fp16", "cuda:0", optimization_level=3)
+    assert "enabled_precisions" not in kw  # removed in 2.13: passing it would silently build fp32
+    assert kw["use_explicit_typing"] is True and kw["cache_built_engines"] is False
+    assert kw["optimization_level"] == 3 and "enable_autocast" not in kw
+    assert kw["disable_tf32"] is True  # fp32 engines are real fp32 (the 0.9999 gate)
+    auto = compile_kwargs(new, "fp16", "cuda:0", fp16_mode="autocast")
+    assert auto["enable_autocast"] is True and auto["autocast_low_precision_type"] == torch.float16
+    assert torch.ops.aten.native_layer_norm.default in auto["autocast_excluded_ops"]
+    old = {"exported_program", "inputs", "device", "min_block_size", "use_explicit_typing", "enabled_precisions"}
+    assert set(compile_kwargs(old, "fp16", "cuda:0")) == {"device", "min_block_size", "use_explicit_typing"}
+    with pytest.raises(BackendError, match="autocast"):
+        compile_kwargs(old, "fp16", "cuda:0", fp16_mode="autocast")
+    example = torch.zeros(2, 3, 224, 224)
+    dyn = ({0: torch.export.Dim("batch", min=1, max=4)},)
+    s = save_kwargs({"module", "file_path", "output_format", "arg_inputs", "retrace", "dynamic_shapes"}, example, dyn)
+    assert s["output_format"] == "exported_program" and s["arg_inputs"][0] is example and s["dynamic_shapes"] is dyn
+    assert s["retrace"] is True
+    older = save_kwargs({"module", "file_path", "output_format", "inputs", "arg_inputs", "retrace", "kwargs"}, example, dyn)
+    assert "dynamic_shapes" not in older and older["retrace"] is False  # 2.8 would re-export a static batch
+    assert "dynamic_shapes" not in save_kwargs({"inputs"}, example, dyn)
+
+
+def test_tensorrt_low_precision_graph_keeps_norms_in_fp32(tiny):
+    from theia_ros.backends.tensorrt_backend import Fp32LayerNorm, low_precision_module
+
+    pixels = validation_pixels(2)
+    ref = reference_output(tiny, pixels, "tokens")
+    low = low_precision_module(tiny, "tokens", torch.bfloat16)
+    norms = [m for m in low.modules() if isinstance(m, Fp32LayerNorm)]
+    assert len(norms) == 2 * 12 + 1 and all(n.weight.dtype == torch.float32 for n in norms)  # heads not copied
+    linear = low.module.model.backbone.layers[0].attention.q_proj
+    assert linear.weight.dtype == torch.bfloat16
+    assert low.module.model.backbone.config._attn_implementation == "eager"  # softmax in fp32
+    with torch.inference_mode():
+        out = low(pixels)
+    assert out.dtype == torch.float32 and cosine(out, ref) >= 0.999
+    # the original model is untouched
+    assert tiny.backbone.layers[0].attention.q_proj.weight.dtype == torch.float32
+    assert tiny.backbone.config._attn_implementation == "sdpa"
+    teacher = low_precision_module(tiny, "teacher:clip", torch.bfloat16)
+    with torch.inference_mode():
+        assert cosine(teacher(pixels), reference_output(tiny, pixels, "teacher:clip")) >= 0.999
+    # the graph exports with a dynamic batch (what torch_tensorrt.dynamo.compile receives)
+    exported = torch.export.export(low, (pixels,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4)},),
+                                   strict=False)
+    assert exported.module()(pixels[:1]).shape == (1, 196, 192)
+
+
+def test_tensorrt_backend_explains_what_is_missing(tiny):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the real tensorrt tests below apply")
+    with pytest.raises(BackendError, match="CUDA"):
+        create_backend("tensorrt", tiny, precision="fp16", device="cuda")
+    with pytest.raises(BackendError, match="needs a CUDA device"):
+        create_backend("tensorrt", tiny, precision="fp16", device="cpu")
+
+
+# ---------------------------------------------------------------------------------- tensorrt (GPU)
+
+needs_trt = pytest.mark.skipif(not torch.cuda.is_available(), reason="tensorrt tests need a CUDA GPU (none here)")
+
+
+@needs_trt
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_tensorrt_engine_build_validate_cache_reload(tiny, precision):
+    pytest.importorskip("torch_tensorrt", reason="torch_tensorrt is not installed")
+    model = copy.deepcopy(tiny).to("cuda")
+    builds = cache.BUILD_COUNTS["tensorrt"]
+    first = create_backend("tensorrt", model, precision=precision, device="cuda", max_batch=4)
+    assert first.cache.status in ("built", "hit")
+    assert first.validation_cosine >= (0.9999 if precision == "fp32" else 0.999)
+    pixels = validation_pixels(3)
+    ref = reference_output(tiny, pixels, "tokens")
+    assert cosine(first.run_pixels(pixels), ref) >= 0.999
+    assert first.run_pixels(pixels[:1]).shape == (1, 196, 192)  # dynamic batch
+    built = cache.BUILD_COUNTS["tensorrt"]
+    second = create_backend("tensorrt", model, precision=precision, device="cuda", max_batch=4)
+    assert second.cache.status == "hit" and cache.BUILD_COUNTS["tensorrt"] == built  # loaded, not rebuilt
+    assert cosine(second.run_pixels(pixels), ref) >= 0.999
+    assert builds <= built
+
+
+@needs_trt
+def test_tensorrt_corrupt_engine_is_rebuilt(tiny, caplog):
+    pytest.importorskip("torch_tensorrt", reason="torch_tensorrt is not installed")
+    model = copy.deepcopy(tiny).to("cuda")
+    first = create_backend("tensorrt", model, precision="fp16", device="cuda", max_batch=4)
+    with open(first.engine_path, "r+b") as f:
+        f.seek(100)
+        f.write(b"\0" * 16)
+    with caplog.at_level(logging.WARNING, logger="theia_ros.backends"):
+        again = create_backend("tensorrt", model, precision="fp16", device="cuda", max_batch=4)
+    assert again.cache.status == "rebuilt" and "sha256" in caplog.text
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+def test_cli_registers_export_and_bench():
+    from theia_ros.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["export", TINY, "--backend", "onnxruntime", "--max-batch", "2"])
+    assert args.func.__name__ == "_run_export" and args.max_batch == 2
+    args = parser.parse_args(["bench", TINY, "--batches", "1", "4", "--seconds", "1"])
+    assert args.func.__name__ == "_run_bench" and args.batches == [1, 4]
+
+
+@needs_ort
+def test_bench_table(tiny, capsys):
+    from theia_ros.backends.bench import Case, markdown_table, run_bench
+
+    cases = [Case("torch", "fp32", "cpu"), Case("onnxruntime", "fp32", "cpu", {"threads": 2}),
+             Case("tensorrt", "fp16", "cpu")]  # the last cannot run here: reported, not fatal
+    rows = run_bench(tiny, cases, batches=[2], seconds=0.1, rounds=2, progress=lambda m: None)
+    assert len(rows) == 3
+    by = {r.backend: r for r in rows}
+    assert by["torch"].speedup == pytest.approx(1.0) and by["torch"].cosine > 0.99999
+    assert by["onnxruntime"].cosine >= 0.9999 and by["onnxruntime"].median_ms > 0
+    assert by["onnxruntime"].images_per_s == pytest.approx(1e3 / by["onnxruntime"].median_ms)
+    assert by["tensorrt"].error
+    table = markdown_table(rows)
+    assert table.count("\n") == 4 and "| onnxruntime | fp32 | cpu | 2 |" in table and "unavailable" in table
+
+
+# ---------------------------------------------------------------------------------- tensorrt flow, stand-in
+
+class _FakeTorchTensorRT:
+    """Stands in for torch_tensorrt on the CPU: 'compiles' to the exported program's module, saves
+    and loads with torch.export; records the calls. Exercises TensorRTBackend's export, compile
+    arguments, validation gate, cache and reload paths without a GPU."""
+
+    __version__ = "0.0-fake"
+
+    def __init__(self, corrupt=False):
+        import types
+
+        self.compiles, self.saves, self.loads = [], [], []
+        self.corrupt = corrupt
+        outer = self
+
+        class Input:
+            def __init__(self, min_shape, opt_shape, max_shape, dtype):
+                self.min_shape, self.opt_shape, self.max_shape, self.dtype = min_shape, opt_shape, max_shape, dtype
+
+        def compile(exported_program, arg_inputs=None, *, device=None, min_block_size=5, use_explicit_typing=False,
+                    cache_built_engines=True, reuse_cached_engines=True, disable_tf32=False):
+            outer.compiles.append({"arg_inputs": arg_inputs, "use_explicit_typing": use_explicit_typing,
+                                   "exported": exported_program})
+            module = exported_program.module()
+            if outer.corrupt:  # a miscompiled engine: the gate must refuse it
+                def broken(x):
+                    return module(x) * -1.0
+                return broken
+            return module
+
+        self.Input = Input
+        self.dynamo = types.SimpleNamespace(compile=compile)
+
+    def save(self, module, file_path, *, output_format="exported_program", arg_inputs=None, retrace=False,
+             dynamic_shapes=None):
+        self.saves.append({"output_format": output_format, "dynamic_shapes": dynamic_shapes})
+        exported = self.compiles[-1]["exported"]
+        torch.export.save(exported, file_path)
+
+    def load(self, file_path):
+        self.loads.append(file_path)
+        return torch.export.load(file_path)
+
+
+@pytest.fixture
+def fake_trt(monkeypatch):
+    from theia_ros.backends import tensorrt_backend as trtb
+
+    fake = _FakeTorchTensorRT()
+    env = {"gpu_name": "Fake GPU", "compute_capability": "8.7", "platform": "x86_64", "torch": torch.__version__,
+           "cuda": "12.6", "torch_tensorrt": "0.0-fake", "tensorrt": "10.3.0"}
+    monkeypatch.setattr(trtb.TensorRTBackend, "_require_cuda", False)
+    monkeypatch.setattr(trtb, "import_torch_tensorrt", lambda: fake)
+    monkeypatch.setattr(trtb, "gpu_environment", lambda device: dict(env))
+    fake.env = env
+    return fake
+
+
+def test_tensorrt_flow_with_a_stand_in(tiny, fake_trt, caplog):
+    from theia_ros.backends import tensorrt_backend as trtb
+
+    model = copy.deepcopy(tiny)
+    first = create_backend("tensorrt", model, precision="bf16", device="cpu", max_batch=4)
+    assert first.cache.status == "built" and len(fake_trt.compiles) == 1
+    call = fake_trt.compiles[0]
+    assert call["use_explicit_typing"] is True and call["arg_inputs"][0].max_shape == (4, 3, 224, 224)
+    assert fake_trt.saves[0]["output_format"] == "exported_program" and fake_trt.saves[0]["dynamic_shapes"]
+    assert first.validation_cosine >= 0.999 and first.engine_path.name == trtb.ENGINE_FILE
+    pixels = validation_pixels(3)
+    ref = reference_output(tiny, pixels, "tokens")
+    assert cosine(first.run_pixels(pixels), ref) >= 0.999
+
+    second = create_backend("tensorrt", model, precision="bf16", device="cpu", max_batch=4)
+    assert second.cache.status == "hit" and len(fake_trt.compiles) == 1 and len(fake_trt.loads) == 1
+    assert second.run_pixels(pixels[:1]).shape == (1, 196, 192)  # dynamic batch survives save/load
+    assert cosine(second.run_pixels(pixels), ref) >= 0.999
+    with pytest.raises(BackendError, match="exceeds"):
+        second.run_pixels(validation_pixels(5))
+
+    fake_trt.env["tensorrt"] = "10.7.0"  # TensorRT upgraded: the engine is stale
+    with caplog.at_level(logging.WARNING, logger="theia_ros.backends"):
+        third = create_backend("tensorrt", model, precision="bf16", device="cpu", max_batch=4)
+    assert third.cache.status == "rebuilt" and len(fake_trt.compiles) == 2
+    assert "stale" in caplog.text and "10.3.0" in caplog.text and "10.7.0" in caplog.text
+
+    fake_trt.corrupt = True
+    with pytest.raises(BackendError, match="refusing tensorrt bf16 engine"):
+        create_backend("tensorrt", model, precision="bf16", device="cpu", max_batch=2)

@@ -1,0 +1,386 @@
+"""Torch-TensorRT backend (CUDA): fp32 / fp16 / bf16 engines, built once, cached, reloaded.
+
+Build path (torch-tensorrt 2.x dynamo frontend; written against 2.13/2.14, works back to the
+2.8 of JetPack 6.2 where the same arguments exist):
+
+    torch.export.export(module, (example,), dynamic_shapes=batch Dim 1..max_batch)   # example batch >= 2
+    -> torch_tensorrt.dynamo.compile(exported, arg_inputs=[Input(min, opt, max)], use_explicit_typing=True, ...)
+    -> validation against fp32 torch on the fixed validation input (cosine >= 0.9999 fp32, >= 0.999 fp16/bf16)
+    -> torch_tensorrt.save(..., output_format="exported_program")      # into the engine cache
+    later: torch_tensorrt.load(path) -> run, without recompiling.
+
+Precision: torch-tensorrt >= 2.13 builds strongly typed networks and ignores (removed)
+``enabled_precisions``; an fp16 engine is obtained by giving it an fp16 graph.  The default
+"explicit" mode builds that graph here: linear/conv weights cast to fp16 (bf16), LayerNorm
+computed in fp32 (input upcast, fp32 weights, result cast back), attention with its softmax in
+fp32 (transformers' eager attention), engine inputs and outputs fp32.  ``fp16_mode="autocast"``
+instead hands an fp32 graph to torch-tensorrt's rule-based autocast (2.10+), keeping layer_norm
+and softmax in fp32.  Either way the engine must pass the validation gate before it is cached.
+
+Engines are specific to the GPU model and the TensorRT version: both are part of the cache
+sidecar, and a mismatch rebuilds the engine (see backends.cache).
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from theia_ros.backends import cache
+from theia_ros.backends.base import (
+    TEACHER_PREFIX,
+    BackendError,
+    InferenceBackend,
+    canonical_representation,
+    export_module,
+)
+
+log = logging.getLogger("theia_ros.backends")
+
+ENGINE_FILE = "engine.ep"
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FP16_MODES = ("explicit", "autocast")
+
+
+def import_torch_tensorrt():
+    """torch_tensorrt, or BackendError saying how to get it."""
+    try:
+        import torch_tensorrt
+    except Exception as exc:  # noqa: BLE001  (ImportError, or a wheel that does not match torch)
+        raise BackendError(
+            f"tensorrt backend: torch_tensorrt cannot be imported ({type(exc).__name__}: {exc}); install the "
+            f"torch-tensorrt wheel matching torch {torch.__version__} (see docs/backends.md)") from None
+    return torch_tensorrt
+
+
+# ------------------------------------------------------------------ pure helpers (tested without a GPU)
+
+def batch_profile(max_batch: int, opt_batch=None):
+    """(min, opt, max) batch of the engine's optimisation profile and the example batch for
+    torch.export (>= 2 when the batch is dynamic: export specialises a batch of 1)."""
+    max_batch = int(max_batch)
+    if max_batch < 1:
+        raise BackendError(f"tensorrt backend: max_batch must be >= 1, got {max_batch}")
+    opt = int(opt_batch) if opt_batch else max_batch
+    if not 1 <= opt <= max_batch:
+        raise BackendError(f"tensorrt backend: opt_batch must be in 1..{max_batch}, got {opt_batch}")
+    example = 1 if max_batch == 1 else 2
+    return (1, opt, max_batch), example
+
+
+def engine_key(model, representation, precision, max_batch, opt_batch, fp16_mode="explicit",
+               optimization_level=None, graph="model") -> dict:
+    return {
+        "backend": "tensorrt",
+        "variant": model.variant,
+        "weights_id": model.weights_id,
+        "representation": canonical_representation(model, representation),
+        "precision": precision,
+        "batch": [1, int(max_batch)],
+        "opt_batch": int(opt_batch),
+        "fp16_mode": fp16_mode if precision != "fp32" else None,
+        "optimization_level": optimization_level,
+        "graph": graph,
+    }
+
+
+def _accepts(params, name):
+    return name in params
+
+
+def compile_kwargs(params, precision: str, device, fp16_mode: str = "explicit", optimization_level=None,
+                   workspace_size=None, tf32=False) -> dict:
+    """Keyword arguments for torch_tensorrt.dynamo.compile, restricted to the ones its signature
+    (``params``: parameter names) has.  Never passes ``enabled_precisions`` (ignored by 2.13+).
+    fp32 engines are true fp32 unless ``tf32`` (TensorRT would otherwise use TF32 matmuls on
+    Ampere and newer, ~1e-3 relative error per matmul)."""
+    params = set(params)
+    kwargs = {"min_block_size": 1, "device": device}
+    optional = {
+        "use_explicit_typing": True,      # honour the dtypes in the graph (2.13+: always on)
+        "cache_built_engines": False,     # our own cache holds the whole program
+        "reuse_cached_engines": False,
+        "truncate_double": True,
+        "require_full_compilation": False,
+        "optimization_level": optimization_level,
+        "workspace_size": workspace_size,
+        "disable_tf32": not tf32,
+    }
+    for name, value in optional.items():
+        if value is not None and name in params:
+            kwargs[name] = value
+    if precision != "fp32" and fp16_mode == "autocast":
+        needed = ("enable_autocast", "autocast_low_precision_type", "autocast_excluded_ops")
+        missing = [n for n in needed if n not in params]
+        if missing:
+            raise BackendError("tensorrt backend: fp16_mode='autocast' needs torch-tensorrt >= 2.10 "
+                               f"(this one lacks {', '.join(missing)}); use fp16_mode='explicit'")
+        kwargs.update(enable_autocast=True, autocast_low_precision_type=_DTYPES[precision],
+                      autocast_excluded_ops={torch.ops.aten.native_layer_norm.default,
+                                             torch.ops.aten.layer_norm.default,
+                                             torch.ops.aten._softmax.default,
+                                             torch.ops.aten.softmax.int})
+    return {k: v for k, v in kwargs.items() if k in params or k in ("min_block_size", "device")}
+
+
+def save_kwargs(params, example, dynamic_shapes) -> dict:
+    """Keyword arguments for torch_tensorrt.save (exported_program format) that its signature has."""
+    params = set(params)
+    kwargs = {"output_format": "exported_program"}
+    if "arg_inputs" in params:
+        kwargs["arg_inputs"] = [example]
+    elif "inputs" in params:
+        kwargs["inputs"] = [example]
+    if dynamic_shapes is not None and "dynamic_shapes" in params:
+        kwargs["dynamic_shapes"] = dynamic_shapes
+        if "retrace" in params:
+            kwargs["retrace"] = True   # 2.10+: keeps the symbolic batch it is told about
+    elif "retrace" in params:
+        # older releases (JetPack's 2.8) re-export static shapes when retracing: keep the graph as built
+        kwargs["retrace"] = dynamic_shapes is None
+    return kwargs
+
+
+class Fp32LayerNorm(nn.Module):
+    """LayerNorm computed in fp32 inside a low-precision graph: upcast, fp32 weights, cast back."""
+
+    def __init__(self, norm: nn.LayerNorm):
+        super().__init__()
+        self.normalized_shape = tuple(norm.normalized_shape)
+        self.eps = norm.eps
+        self.weight = nn.Parameter(norm.weight.detach().float(), requires_grad=False) if norm.weight is not None else None
+        self.bias = nn.Parameter(norm.bias.detach().float(), requires_grad=False) if norm.bias is not None else None
+
+    def forward(self, x):
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
+
+
+class _CastIO(nn.Module):
+    """fp32 pixels in, fp32 features out, ``dtype`` inside."""
+
+    def __init__(self, module, dtype):
+        super().__init__()
+        self.module, self.dtype = module, dtype
+
+    def forward(self, pixels):
+        return self.module(pixels.to(self.dtype)).float()
+
+
+def low_precision_module(model, representation: str, dtype: torch.dtype, graph: str = "model") -> nn.Module:
+    """A copy of the model as an explicitly typed ``dtype`` graph for one representation:
+    matmul/conv weights in ``dtype``, LayerNorm and softmax in fp32, fp32 input and output.
+    The original model is left untouched."""
+    keep = None
+    if representation.startswith(TEACHER_PREFIX):
+        keep = model.heads[model._head(representation[len(TEACHER_PREFIX):])]
+    # copy the backbone and the one head needed; the other heads become placeholders
+    memo = {id(head): nn.Identity() for head in model.heads.values() if head is not keep}
+    low = copy.deepcopy(model, memo)
+    config = getattr(low.backbone, "config", None)
+    if config is not None:  # transformers' eager attention takes its softmax in fp32
+        config._attn_implementation = "eager"
+    for parent in list(low.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.LayerNorm):
+                setattr(parent, name, Fp32LayerNorm(child))
+    for module in low.modules():
+        if isinstance(module, Fp32LayerNorm):
+            continue
+        for name, param in list(module.named_parameters(recurse=False)):
+            param.data = param.data.to(dtype)
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if buf.is_floating_point():
+                setattr(module, name, buf.to(dtype))
+    low.eval()
+    if graph == "lean":
+        from theia_ros.backends.lean import LeanTheia
+
+        inner = LeanTheia(low, representation)
+    else:
+        inner = export_module(low, representation)
+    return _CastIO(inner, dtype).eval()
+
+
+def fp32_module(model, representation: str, graph: str = "model") -> nn.Module:
+    if graph == "lean":
+        from theia_ros.backends.lean import LeanTheia
+
+        return LeanTheia(model, representation).eval()
+    return export_module(model, representation).eval()
+
+
+def gpu_environment(device) -> dict:
+    """What a TensorRT engine depends on besides the model: GPU, TensorRT, torch-tensorrt, torch."""
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    env = {
+        "gpu_name": torch.cuda.get_device_name(index),
+        "compute_capability": f"{major}.{minor}",
+        "platform": platform.machine(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+    }
+    try:
+        import torch_tensorrt
+
+        env["torch_tensorrt"] = torch_tensorrt.__version__
+    except Exception:  # noqa: BLE001
+        env["torch_tensorrt"] = None
+    try:
+        import tensorrt
+
+        env["tensorrt"] = tensorrt.__version__
+    except Exception:  # noqa: BLE001
+        env["tensorrt"] = None
+    return env
+
+
+def _signature_params(fn):
+    try:
+        return set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _as_callable(loaded):
+    """torch_tensorrt.load returns an ExportedProgram (2.x) or a module; give back something callable."""
+    if isinstance(loaded, torch.export.ExportedProgram):
+        return loaded.module()
+    return loaded
+
+
+def _first_output(out):
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if isinstance(out, dict):
+        out = next(iter(out.values()))
+    return out
+
+
+# ------------------------------------------------------------------ the backend
+
+class TensorRTBackend(InferenceBackend):
+    name = "tensorrt"
+    # tests set False to drive the build / cache / reload logic with a stand-in torch_tensorrt on the CPU
+    _require_cuda = True
+
+    def __init__(self, model, representation="tokens", precision="fp16", device="cuda", max_batch=4,
+                 opt_batch=None, fp16_mode="explicit", optimization_level=None, workspace_size=None,
+                 tf32=False, graph="model", cache_dir=None, rebuild=False, validate="build"):
+        super().__init__(model, representation, precision, device, max_batch)
+        if precision not in _DTYPES:
+            raise BackendError(f"tensorrt backend: unknown precision {precision!r}; use fp32, fp16 or bf16")
+        if self._require_cuda and self.device.type != "cuda":
+            raise BackendError(f"tensorrt backend: needs a CUDA device, got {device!r}")
+        if self._require_cuda and not torch.cuda.is_available():
+            raise BackendError("tensorrt backend: CUDA is not available (torch.cuda.is_available() is False)")
+        if fp16_mode not in FP16_MODES:
+            raise BackendError(f"tensorrt backend: fp16_mode must be one of {FP16_MODES}, got {fp16_mode!r}")
+        if graph not in ("model", "lean"):
+            raise BackendError(f"tensorrt backend: graph must be 'model' or 'lean', got {graph!r}")
+        if validate not in ("build", "always"):
+            raise BackendError(f"tensorrt backend: validate must be 'build' or 'always', got {validate!r}")
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.trt = import_torch_tensorrt()
+        self.model = model.to(self.device).eval()
+        fp32_module(self.model, representation)  # unknown representation / teacher: fail before building
+        (self.min_batch, self.opt_batch, _), self.example_batch = batch_profile(max_batch, opt_batch)
+        self.fp16_mode, self.optimization_level, self.workspace_size = fp16_mode, optimization_level, workspace_size
+        self.graph, self.tf32 = graph, bool(tf32)
+        self.key = engine_key(self.model, representation, precision, self.max_batch, self.opt_batch, fp16_mode,
+                              optimization_level, graph)
+        self.key["tf32"] = self.tf32
+        self.environment = gpu_environment(self.device)
+        self._built_module = None
+        result = cache.get_or_build("tensorrt", self.key, self.environment, self._build, root=cache_dir,
+                                    rebuild=rebuild)
+        self.engine_path = result.directory / ENGINE_FILE
+        try:
+            self.module = self._built_module if self._built_module is not None else self._load()
+        except Exception as exc:  # noqa: BLE001  (an engine TensorRT refuses: rebuild it once)
+            log.warning("tensorrt engine %s does not load (%s: %s): rebuilding", self.engine_path,
+                        type(exc).__name__, exc)
+            result = cache.get_or_build("tensorrt", self.key, self.environment, self._build, root=cache_dir,
+                                        rebuild=True)
+            self.module = self._built_module
+        self._built_module = None
+        self.cache = result
+        self.validation_cosine = result.meta.get("validation", {}).get("cosine")
+        if result.status == "hit":
+            log.info("tensorrt engine loaded from cache without rebuilding: %s", self.engine_path)
+            if validate == "always":
+                self.validation_cosine = self._validate(self.module)
+
+    @property
+    def identity(self):
+        identity = super().identity
+        identity["engine"] = str(self.engine_path)
+        identity["gpu"] = self.environment.get("gpu_name")
+        return identity
+
+    def _load(self):
+        return _as_callable(self.trt.load(str(self.engine_path)))
+
+    def _validate(self, module):
+        from theia_ros.backends.validation import check_output, min_cosine_for, reference_output, validation_pixels
+
+        pixels = validation_pixels(min(2, self.max_batch))
+        reference = reference_output(self.model, pixels, self.representation, self.device)
+        with torch.inference_mode():
+            out = _first_output(module(pixels.to(self.device)))
+        return check_output(out.float().cpu(), reference, min_cosine_for(self.precision),
+                            f"tensorrt {self.precision} engine of {self.model.variant} ({self.representation})")
+
+    def _build(self, directory):
+        trt = self.trt
+        dtype = _DTYPES[self.precision]
+        if self.precision == "fp32" or self.fp16_mode == "autocast":
+            module = fp32_module(self.model, self.representation, self.graph)
+        else:
+            module = low_precision_module(self.model, self.representation, dtype, self.graph)
+        module = module.to(self.device).eval()
+        example = torch.randn(self.example_batch, 3, 224, 224, device=self.device).clamp_(-1, 1)
+        dynamic = None
+        if self.max_batch > 1:
+            dynamic = ({0: torch.export.Dim("batch", min=1, max=self.max_batch)},)
+        log.info("building tensorrt %s engine for %s (%s), batch 1..%d (opt %d) on %s; this takes minutes",
+                 self.precision, self.model.variant, self.representation, self.max_batch, self.opt_batch,
+                 self.environment["gpu_name"])
+        start = time.perf_counter()
+        with torch.no_grad():
+            exported = torch.export.export(module, (example,), dynamic_shapes=dynamic, strict=False)
+        spec = trt.Input(min_shape=(1, 3, 224, 224), opt_shape=(self.opt_batch, 3, 224, 224),
+                         max_shape=(self.max_batch, 3, 224, 224), dtype=torch.float32)
+        compile_fn = trt.dynamo.compile
+        params = _signature_params(compile_fn)
+        kwargs = compile_kwargs(params, self.precision, self.device, self.fp16_mode, self.optimization_level,
+                                self.workspace_size, self.tf32)
+        inputs_kw = "arg_inputs" if "arg_inputs" in params else "inputs"
+        try:
+            compiled = compile_fn(exported, **{inputs_kw: [spec]}, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            raise BackendError(f"tensorrt backend: building the engine failed: {type(exc).__name__}: {exc}") from exc
+        compile_seconds = time.perf_counter() - start
+        cosine = self._validate(compiled)  # raises BackendError: nothing is cached
+        path = directory / ENGINE_FILE
+        trt.save(compiled, str(path), **save_kwargs(_signature_params(trt.save), example, dynamic))
+        self._built_module = compiled
+        log.info("tensorrt engine built in %.0f s, cosine %.6f to fp32 torch: %s", compile_seconds, cosine, path)
+        return {"files": [ENGINE_FILE], "validation": {"cosine": cosine},
+                "compile_seconds": round(compile_seconds, 1)}
+
+    def run_pixels(self, pixels):
+        if pixels.shape[0] > self.max_batch:
+            raise BackendError(f"tensorrt backend: batch {pixels.shape[0]} exceeds the engine's max_batch "
+                               f"{self.max_batch}")
+        with torch.inference_mode():
+            out = _first_output(self.module(pixels.to(self.device, torch.float32, non_blocking=True).contiguous()))
+        return out.float().cpu()

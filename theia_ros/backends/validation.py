@@ -1,0 +1,72 @@
+"""The accuracy gate every built engine passes: cosine to fp32 eager torch on a fixed input."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from theia_ros.backends.base import BackendError
+
+# fp32 engines must reproduce torch almost exactly; fp16/bf16 ones within the usual rounding
+FP32_MIN_COSINE = 0.9999
+LOW_PRECISION_MIN_COSINE = 0.999
+
+
+def min_cosine_for(precision: str) -> float:
+    return FP32_MIN_COSINE if precision == "fp32" else LOW_PRECISION_MIN_COSINE
+
+
+def validation_pixels(batch: int = 2, seed: int = 1234) -> torch.Tensor:
+    """A fixed, deterministic batch of model inputs [batch, 3, 224, 224] in [-1, 1]: smooth
+    colour gradients, a few blocks and noise, like a camera image (same on every machine)."""
+    from theia_ros.preprocess import to_model_input
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:224, 0:224].astype(np.float32) / 223.0
+    images = []
+    for i in range(batch):
+        phase = rng.uniform(0, 2 * np.pi, size=3)
+        img = np.stack([0.5 + 0.5 * np.sin(2 * np.pi * (xx * (1 + c) + yy * (2 - c) * (i + 1)) / 2 + phase[c])
+                        for c in range(3)], axis=-1) * 200.0
+        for _ in range(4):  # a few flat blocks with hard edges
+            y0, x0 = rng.integers(0, 180, size=2)
+            img[y0:y0 + 40, x0:x0 + 40] = rng.uniform(0, 255, size=3)
+        img += rng.normal(0, 8, size=img.shape)
+        images.append(np.clip(img, 0, 255).astype(np.uint8))
+    return to_model_input(np.stack(images))
+
+
+def cosine_per_sample(output, reference) -> torch.Tensor:
+    """Cosine similarity of each sample's flattened output to the reference's, in float64."""
+    out = torch.as_tensor(output).detach().to("cpu", torch.float64).reshape(len(output), -1)
+    ref = torch.as_tensor(reference).detach().to("cpu", torch.float64).reshape(len(reference), -1)
+    return torch.nn.functional.cosine_similarity(out, ref, dim=1, eps=1e-30)
+
+
+def cosine(output, reference) -> float:
+    """The worst sample's cosine similarity (what the gate and the bench tables report)."""
+    return float(cosine_per_sample(output, reference).min())
+
+
+def check_output(output, reference, min_cosine: float, what: str) -> float:
+    """Raise BackendError unless ``output`` matches ``reference`` (shape, finite, cosine);
+    returns the cosine."""
+    output, reference = torch.as_tensor(output), torch.as_tensor(reference)
+    if tuple(output.shape) != tuple(reference.shape):
+        raise BackendError(f"refusing {what}: output shape {tuple(output.shape)} differs from fp32 torch's "
+                           f"{tuple(reference.shape)}")
+    if not bool(torch.isfinite(output.float()).all()):
+        raise BackendError(f"refusing {what}: its output holds NaN or Inf on the validation input")
+    value = cosine(output, reference)
+    if not value >= min_cosine:
+        raise BackendError(f"refusing {what}: cosine similarity to fp32 torch is {value:.6f} on the validation "
+                           f"input, below the required {min_cosine}; use another precision or backend")
+    return value
+
+
+def reference_output(model, pixels, representation, device=None):
+    """fp32 eager torch output on ``pixels`` (computed where the model lives, returned on the CPU)."""
+    from theia_ros.backends.base import reference_forward
+
+    device = device if device is not None else next(model.parameters()).device
+    with torch.inference_mode():
+        return reference_forward(model, pixels.to(device), representation).float().cpu()

@@ -1,0 +1,159 @@
+"""`theia-ros export` and `theia-ros bench`: build engines ahead of time, compare backends (no ROS needed).
+
+    theia-ros export SOURCE --backend tensorrt --precision fp16 --max-batch 4 [--representation tokens]
+    theia-ros bench SOURCE [--backends torch onnxruntime tensorrt] [--batches 1 4] [--seconds 5]
+"""
+import json
+import logging
+import sys
+import threading
+import time
+
+
+def _setup_logging(verbose):
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("theia_ros.backends").setLevel(logging.INFO)
+
+
+class _Ticker:
+    """Prints the time elapsed every few seconds while a long build runs."""
+
+    def __init__(self, what, every=10.0, stream=sys.stderr):
+        self.what, self.every, self.stream = what, every, stream
+        self._stop = threading.Event()
+        self.start = time.perf_counter()
+
+    def _run(self):
+        while not self._stop.wait(self.every):
+            print(f"  ... {self.what}: {time.perf_counter() - self.start:.0f} s", file=self.stream, flush=True)
+
+    def __enter__(self):
+        threading.Thread(target=self._run, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self.seconds = time.perf_counter() - self.start
+
+
+def _run_export(args) -> int:
+    _setup_logging(True)
+    import torch
+
+    from theia_ros.backends import BackendError, create_backend
+    from theia_ros.model import CheckpointError, load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    precision = args.precision or ("fp16" if args.backend == "tensorrt" else "fp32")
+    device = args.device or ("cuda" if args.backend == "tensorrt" else "cpu")
+    try:
+        model = load_model(args.source, seed=args.seed)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if model.random_weights:
+        print(f"note: {args.source} has RANDOM weights (fine for speed tests, meaningless features)", file=sys.stderr)
+    options = {"rebuild": args.rebuild}
+    if args.cache_dir:
+        options["cache_dir"] = args.cache_dir
+    print(f"{args.backend} {precision} engine for {model.variant} ({args.representation}), batch 1..{args.max_batch}, "
+          f"on {device} ...", file=sys.stderr, flush=True)
+    try:
+        with _Ticker("building / loading") as ticker:
+            backend = create_backend(args.backend, model, representation=args.representation, precision=precision,
+                                     device=device, max_batch=args.max_batch, **options)
+    except BackendError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    status = backend.cache.status
+    cosine = backend.validation_cosine
+    print(f"{status} in {ticker.seconds:.1f} s"
+          + (f"; cosine {cosine:.6f} to fp32 torch on the validation input" if cosine is not None else ""),
+          file=sys.stderr)
+    print(backend.engine_path)
+    return 0
+
+
+def _run_bench(args) -> int:
+    _setup_logging(args.verbose)
+    import torch
+
+    from theia_ros.backends.bench import available_cases, environment_summary, markdown_table, run_bench
+    from theia_ros.model import CheckpointError, load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        model = load_model(args.source, seed=args.seed)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    devices = [args.device] if args.device else None
+    try:
+        cases = available_cases(args.backends, args.precisions, devices)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    progress = (lambda msg: print(msg, file=sys.stderr, flush=True))
+    rows = run_bench(model, cases, batches=args.batches, seconds=args.seconds, representation=args.representation,
+                     rounds=args.rounds, cache_dir=args.cache_dir, progress=progress)
+    table = markdown_table(rows)
+    header = f"{environment_summary(model)}; representation {args.representation}; {args.seconds:g} s per cell"
+    print(header)
+    print()
+    print(table)
+    if args.json:
+        import dataclasses
+
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"environment": header, "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=2)
+    return 0
+
+
+def add_parser(subparsers):
+    source_help = ("checkpoint directory, hub id (theaiinstitute/theia-tiny-patch16-224-cddsv) or random:<variant> "
+                   "(random weights: right speed, meaningless features)")
+    p = subparsers.add_parser(
+        "export", help="build (or check) a cached TensorRT / ONNX Runtime engine ahead of time",
+        description="Build the engine a backend would build on first use, validate it against fp32 torch, store it "
+                    "in the engine cache ($THEIA_ROS_CACHE or ~/.cache/theia_ros/engines) and print its path. "
+                    "An engine already in the cache and still valid is only checked.")
+    p.add_argument("source", metavar="SOURCE", help=source_help)
+    p.add_argument("--backend", required=True, choices=("tensorrt", "onnxruntime"))
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=None,
+                   help="default: fp16 for tensorrt, fp32 for onnxruntime")
+    p.add_argument("--max-batch", type=int, default=4, help="largest batch the engine takes (default 4)")
+    p.add_argument("--representation", default="tokens",
+                   help="tokens, cls, mean, max, all_tokens, spatial or teacher:<teacher id> (default tokens)")
+    p.add_argument("--device", default=None, help="default: cuda for tensorrt, cpu for onnxruntime")
+    p.add_argument("--seed", type=int, default=None, help="seed of random:<variant> weights (default 0)")
+    p.add_argument("--cache-dir", default=None, help="engine cache directory (default $THEIA_ROS_CACHE or "
+                                                     "~/.cache/theia_ros/engines)")
+    p.add_argument("--rebuild", action="store_true", help="rebuild even when a valid engine is cached")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.set_defaults(func=_run_export)
+
+    b = subparsers.add_parser(
+        "bench", help="compare inference backends: latency, throughput, accuracy",
+        description="For each available backend x precision x batch: median and p90 ms per image, images/s, "
+                    "cosine to fp32 eager torch and speed-up over eager fp32 torch, measured in one run with "
+                    "interleaved rounds. Prints a markdown table.")
+    b.add_argument("source", metavar="SOURCE", help=source_help)
+    b.add_argument("--backends", nargs="+", default=None,
+                   help="torch, torch-compile, onnxruntime, tensorrt (default: all available; eager fp32 torch is "
+                        "always measured as the baseline)")
+    b.add_argument("--precisions", nargs="+", default=None, choices=("fp32", "fp16", "bf16"))
+    b.add_argument("--batches", nargs="+", type=int, default=[1, 4])
+    b.add_argument("--seconds", type=float, default=5.0, help="timing budget per backend and batch (default 5)")
+    b.add_argument("--rounds", type=int, default=10, help="interleaved rounds the budget is split into")
+    b.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available, else cpu)")
+    b.add_argument("--representation", default="tokens")
+    b.add_argument("--seed", type=int, default=None)
+    b.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    b.add_argument("--cache-dir", default=None)
+    b.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    b.add_argument("-v", "--verbose", action="store_true", help="log backend set-up details")
+    b.set_defaults(func=_run_bench)
+    return p
