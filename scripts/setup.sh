@@ -36,7 +36,7 @@ if ! cmp -s requirements.txt "$stamp"; then
     || { tail -40 build/pip.log; echo "[setup] pip install failed (full log: build/pip.log)"; exit 1; }
   cp requirements.txt "$stamp"
 fi
-if ! cmp -s requirements-nodeps.txt "$stamp-nodeps"; then
+if [ -f requirements-nodeps.txt ] && ! cmp -s requirements-nodeps.txt "$stamp-nodeps"; then
   echo "[setup] installing data-only wheels without their dependencies (requirements-nodeps.txt)"
   "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
   cp requirements-nodeps.txt "$stamp-nodeps"
