@@ -126,6 +126,11 @@ class Monitor:
         cameras = params.get("theia_encoder", {}).get("ros__parameters", {}).get("cameras", ["camera"])
         for cam in cameras:
             self.node.create_subscription(Features, f"{cam}/features", self._on_features, qos)
+        self.episodes = {}  # simulator episode -> succeeded
+        if "theia_sim" in params:
+            from std_msgs.msg import String
+
+            self.node.create_subscription(String, "sim/episode", self._on_episode, qos)
         policy = params.get("theia_policy", {}).get("ros__parameters", {})
         if policy:
             from theia_ros.policy_node import COMMAND_FORMATS
@@ -136,6 +141,16 @@ class Monitor:
     def _on_diag(self, msg):
         for s in msg.status:
             self.status[s.name] = {kv.key: kv.value for kv in s.values} | {"_message": s.message}
+
+    def _on_episode(self, msg):
+        import json
+
+        try:
+            status = json.loads(msg.data)
+            episode = status["episode"]
+            self.episodes[episode] = self.episodes.get(episode, False) or bool(status.get("success"))
+        except (ValueError, KeyError, TypeError):
+            pass
 
     def _on_features(self, msg):
         self.features += 1
@@ -152,7 +167,7 @@ class Monitor:
             self.executor.spin_once(timeout_sec=min(0.1, max(end - time.monotonic(), 0.0)))
 
     def line(self):
-        enc = next((v for k, v in self.status.items() if k.endswith("camera camera") or " camera " in k), {})
+        enc = next((v for k, v in self.status.items() if k.startswith("theia_encoder: camera")), {})
         pol = next((v for k, v in self.status.items() if k.endswith(": policy")), {})
         p = self.e2e.percentiles_ms()
         return (f"camera->features {self.features_rate.rate():5.1f} Hz, e2e p50 {p[50]:6.1f} ms | encoder in "
@@ -172,9 +187,20 @@ def summary(monitor, elapsed):
             ("commands received", monitor.commands)]
     p = monitor.e2e.percentiles_ms()
     rows.append(("camera stamp -> features received", f"p50 {p[50]:.1f} ms, p99 {p[99]:.1f} ms"))
+    if monitor.episodes:
+        # the last episode is cut short by the end of the run unless it already succeeded
+        ended = sorted(monitor.episodes)[:-1] + [e for e in sorted(monitor.episodes)[-1:] if monitor.episodes[e]]
+        wins = sum(monitor.episodes[e] for e in ended)
+        rate = f"{wins / len(ended):.0%}" if ended else "n/a"
+        rows.append(("simulator episodes ended / succeeded / success rate", f"{len(ended)} / {wins} / {rate}"))
     random = False
     for name, values in sorted(monitor.status.items()):
-        if "camera" in name:
+        if name.startswith("theia_sim"):
+            rates = ", ".join(f"{k[:-3]} {v} Hz" for k, v in values.items() if k.endswith("_hz"))
+            rejected = sum(int(v) for k, v in values.items() if k.startswith("rejected_") and v.isdigit())
+            rows.append((f"{name}: cameras / real-time factor / rejected commands",
+                         f"{rates} / {values.get('real_time_factor', '?')} / {rejected}"))
+        if "camera" in name and name.startswith("theia_encoder"):
             rows.append((f"{name}: frames in / encoded / dropped / bad", " / ".join(
                 values.get(k, "?") for k in ("frames_in", "frames_out", "dropped_superseded", "rejected_bad_input"))))
             rows.append((f"{name}: inference / node overhead p50", f"{values.get('inference_ms_p50')} ms / "
