@@ -32,6 +32,7 @@ setup(
             "theia_encoder = theia_ros.encoder_node:main",
             "theia_policy = theia_ros.policy_node:main",
             "synthetic_camera = theia_ros.synthetic_camera_node:main",
+            "theia_sim = theia_ros.sim_node:main",
         ],
         "theia_ros.policies": [
             "hold = theia_ros.policies.hold:HoldPolicy",

@@ -47,7 +47,8 @@ def rss_mb(pid):
 def run_case(client, cameras, rate, seconds, threads, workdir):
     params = {
         "synthetic_camera": {"ros__parameters": {"cameras": cameras, "rate": rate, "width": 640, "height": 480}},
-        "theia_encoder": {"ros__parameters": {"model": "random:theia-tiny-patch16-224-cddsv", "cameras": cameras,
+        "theia_encoder": {"ros__parameters": {"model": "random:theia-tiny-patch16-224-cddsv", "backend": "torch",
+                                              "cameras": cameras,
                                               "torch_threads": threads, "diagnostics_period": 1.0}},
     }
     path = Path(workdir) / f"bench_{len(cameras)}.yaml"

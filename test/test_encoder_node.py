@@ -31,7 +31,8 @@ def params_file(tmp_path, **params):
 
 
 def start_encoder(tmp_path, **params):
-    base = {"model": RANDOM_TINY, "seed": 3, "qos": "reliable", "torch_threads": 1, "diagnostics_period": 0.3}
+    base = {"model": RANDOM_TINY, "seed": 3, "backend": "torch", "qos": "reliable", "torch_threads": 1,
+            "diagnostics_period": 0.3}
     base.update(params)
     return NodeProcess("theia_ros.encoder_node", "--ros-args", "--params-file", params_file(tmp_path, **base))
 

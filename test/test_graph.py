@@ -31,7 +31,8 @@ def test_bringup_demo_runs_the_graph_and_prints_a_summary():
 def test_watchdog_stops_commands_when_the_encoder_dies_and_resumes(ros_client, tmp_path):
     params = {
         "synthetic_camera": {"ros__parameters": {"cameras": ["camera"], "rate": 15.0, "width": 320, "height": 240}},
-        "theia_encoder": {"ros__parameters": {"model": "random:theia-tiny-patch16-224-cddsv", "cameras": ["camera"],
+        "theia_encoder": {"ros__parameters": {"model": "random:theia-tiny-patch16-224-cddsv", "backend": "torch",
+                                              "cameras": ["camera"],
                                               "representation": "mean", "torch_threads": 1}},
         "theia_policy": {"ros__parameters": {"policy": "hold", "policy_params": "{position: [0.1, 0.2]}",
                                              "cameras": ["camera"], "representation": "mean",

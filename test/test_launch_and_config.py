@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def declared():
     from theia_ros.encoder_node import TheiaEncoderNode
     from theia_ros.policy_node import TheiaPolicyNode
+    from theia_ros.sim_node import TheiaSimNode
     from theia_ros.synthetic_camera_node import SyntheticCamera
 
     context = Context()
@@ -26,7 +27,7 @@ def declared():
     names = {}
     try:
         for key, cls in (("theia_encoder", TheiaEncoderNode), ("theia_policy", TheiaPolicyNode),
-                         ("synthetic_camera", SyntheticCamera)):
+                         ("synthetic_camera", SyntheticCamera), ("theia_sim", TheiaSimNode)):
             node = cls(context=context)
             names[key] = {name: node.describe_parameter(name).description for name in node._parameters}
             node.destroy_node()

@@ -94,9 +94,11 @@ class TheiaEncoderNode(LifecycleNode):
           "Checkpoint: a directory with config.json + model.safetensors, a Hugging Face hub id, or "
           "'random:<variant>' for random weights (tests and demos only; every message says so).")
         d("seed", 0, "Seed of random weights (model 'random:...').", int_range=(0, 2**31 - 1))
-        d("backend", "torch", "Inference engine.", choices=("auto", "torch", "onnxruntime", "tensorrt"))
+        d("backend", "auto", "Inference engine; auto: tensorrt where CUDA and torch-tensorrt exist, else torch on "
+          "CUDA, else the fastest accurate CPU engine (onnxruntime, built once and cached).",
+          choices=("auto", "torch", "onnxruntime", "tensorrt"))
         d("precision", "fp32", "Inference precision.", choices=("fp32", "fp16", "bf16"))
-        d("device", "cpu", "Torch device for the torch and tensorrt backends, e.g. cpu, cuda, cuda:1.")
+        d("device", "auto", "Device: auto (a CUDA GPU if present, else the CPU), cpu, cuda, cuda:1, ...")
         d("max_batch", 4, "Largest batch one inference takes.", int_range=(1, 64))
         d("representation", "tokens",
           "What to publish: tokens [196,C], cls [C], mean [C], max [C], all_tokens [197,C], spatial [C,14,14], "

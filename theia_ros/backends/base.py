@@ -87,6 +87,8 @@ def create_backend(name, model, representation="tokens", precision="fp32", devic
     * "auto": the fastest of those that run here at ``precision`` (see backends.auto).
     Options are passed to the backend (e.g. cache_dir, rebuild, threads, compile).
     """
+    if name != "auto" and device in (None, "", "auto"):  # auto picks its own; the others need a device
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "torch":
         from theia_ros.backends.torch_backend import TorchBackend
 
