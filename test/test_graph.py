@@ -2,6 +2,7 @@
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -64,3 +65,18 @@ def test_watchdog_stops_commands_when_the_encoder_dies_and_resumes(ros_client, t
         finally:
             encoder.stop()
     ros_client.node.destroy_subscription(sub)
+
+
+def test_main_job_closes_the_loop_in_the_simulator():
+    """`make demo`'s graph: sim -> encoder -> the shipped trained policy -> sim, with successes."""
+    pytest.importorskip("mujoco")
+    result = subprocess.run([sys.executable, "-m", "theia_ros.cli", "bringup", "config/sim_demo.yaml",
+                             "--duration", "30"], capture_output=True, text=True, timeout=150,
+                            env=child_environment(MUJOCO_GL="egl"), cwd=str(Path(__file__).resolve().parents[1]))
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-5000:]
+    summary = out[out.index("bring-up summary"):]
+    line = next(line for line in summary.splitlines() if "success rate" in line)
+    ended, succeeded, _ = line.split("  ")[-1].strip().split(" / ")
+    assert int(ended) >= 3 and int(succeeded) >= int(ended) - 1, summary  # new seeds, trained policy
+    assert "rejected / clamped" in summary and "front 1" in summary, summary

@@ -112,7 +112,12 @@ class Monitor:
 
         self.context = Context()
         rclpy.init(context=self.context)
-        self.node = rclpy.create_node("theia_bringup_monitor", context=self.context)
+        # with a simulator, stamps are simulation time: measure latency on the same (/clock) clock
+        self.sim_time = "theia_sim" in params
+        from rclpy.parameter import Parameter
+
+        self.node = rclpy.create_node("theia_bringup_monitor", context=self.context,
+                                      parameter_overrides=[Parameter("use_sim_time", value=self.sim_time)])
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
         self.status = {}
@@ -155,7 +160,8 @@ class Monitor:
     def _on_features(self, msg):
         self.features += 1
         self.features_rate.tick()
-        self.e2e.add(time.time() - (msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9))
+        now = self.node.get_clock().now().nanoseconds * 1e-9 if self.sim_time else time.time()
+        self.e2e.add(now - (msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9))
 
     def _on_command(self, msg):
         self.commands += 1
@@ -186,7 +192,8 @@ def summary(monitor, elapsed):
     rows = [("run time", f"{elapsed:.1f} s"), ("features received", monitor.features),
             ("commands received", monitor.commands)]
     p = monitor.e2e.percentiles_ms()
-    rows.append(("camera stamp -> features received", f"p50 {p[50]:.1f} ms, p99 {p[99]:.1f} ms"))
+    clock = " (sim time, /clock at 100 Hz)" if monitor.sim_time else ""
+    rows.append((f"camera stamp -> features received{clock}", f"p50 {p[50]:.1f} ms, p99 {p[99]:.1f} ms"))
     if monitor.episodes:
         # the last episode is cut short by the end of the run unless it already succeeded
         ended = sorted(monitor.episodes)[:-1] + [e for e in sorted(monitor.episodes)[-1:] if monitor.episodes[e]]
@@ -212,7 +219,7 @@ def summary(monitor, elapsed):
                 values.get(k, "?") for k in ("commands", "rejected_actions", "clamped_position"))))
             rows.append((f"{name}: act p50", f"{values.get('act_ms_p50')} ms"))
     width = max(len(r[0]) for r in rows)
-    lines = ["", "theia_ros bring-up summary" + (" [RANDOM WEIGHTS: features and actions mean nothing]" if random else "")]
+    lines = ["", "theia_ros bring-up summary" + (" [encoder with RANDOM WEIGHTS]" if random else "")]
     lines += [f"  {k.ljust(width)}  {v}" for k, v in rows]
     return "\n".join(lines)
 

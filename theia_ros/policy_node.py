@@ -42,6 +42,22 @@ COMMAND_FORMATS = {
 }
 
 
+def resolve_package_path(path):
+    """`package://theia_ros/<rel>`: a file shipped with the package (source tree or installed share/)."""
+    prefix = "package://theia_ros/"
+    if not path.startswith(prefix):
+        return path
+    from pathlib import Path
+
+    rel = path[len(prefix):]
+    source = Path(__file__).resolve().parent.parent / rel
+    if source.exists():
+        return str(source)
+    from ament_index_python.packages import get_package_share_directory
+
+    return str(Path(get_package_share_directory("theia_ros")) / rel)
+
+
 def _seconds(stamp):
     return stamp.sec + stamp.nanosec * 1e-9
 
@@ -102,8 +118,9 @@ class TheiaPolicyNode(Node):
 
         d("policy", "hold", "Policy: a registered name (hold, mlp, theia_head, or a plugin's entry point) or a "
           "dotted path module:Class.")
-        d("policy_checkpoint", "", "Directory with config.yaml + model.safetensors (from train-policy); "
-          "empty: build the policy from the parameters below.")
+        d("policy_checkpoint", "", "Directory with config.yaml + model.safetensors (from train-policy), or "
+          "package://theia_ros/<path> for one shipped with the package; empty: build the policy from the "
+          "parameters below.")
         d("policy_params", "{}", "Policy hyper-parameters as a YAML mapping (no checkpoint only).")
         d("cameras", ["camera"], "Cameras observed; features read from <camera>/features.")
         d("features_input", "per_camera", "per_camera: <camera>/features; synchronized: features/synchronized.")
@@ -154,7 +171,7 @@ class TheiaPolicyNode(Node):
             if p(name) not in choices:
                 raise ValueError(f"parameter {name}={p(name)!r}: must be one of {', '.join(choices)}")
         if p("policy_checkpoint"):
-            return make_policy(p("policy") or None, checkpoint=p("policy_checkpoint"))
+            return make_policy(p("policy") or None, checkpoint=resolve_package_path(p("policy_checkpoint")))
         joints = list(p("joint_names"))
         proprio = list(p("proprio_joints"))
         if proprio == ["__same_as_joint_names__"]:
