@@ -14,10 +14,7 @@ import sys
 import time
 
 import numpy as np
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.qos import QoSProfile, ReliabilityPolicy, HistoryPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
@@ -27,7 +24,7 @@ from theia_ros.feature_image import tokens_to_rgb
 from theia_ros.features import to_features_msg
 from theia_ros.msg import Features, MultiCameraFeatures
 from theia_ros.preprocess import SUPPORTED_ENCODINGS, ImageDecodeError, PreprocessConfig, decode_compressed, image_to_rgb
-from theia_ros.ros_env import use_package_fastdds_profile
+from theia_ros.node_main import declare, run_node
 from theia_ros.stats import LogThrottle, SequenceGapCounter, StageStats
 from theia_ros.sync import FrameSynchronizer
 
@@ -74,17 +71,10 @@ class TheiaEncoderNode(LifecycleNode):
             torch.set_num_threads(self.get_parameter("torch_threads").value)
 
     # ------------------------------------------------------------------ parameters
-    def _declare(self, name, default, description, *, int_range=None, float_range=None, choices=None,
-                 read_only=True):
+    def _declare(self, name, default, description, *, int_range=None, float_range=None, choices=None):
         if choices:
             description += f" One of: {', '.join(choices)}."
-        descriptor = ParameterDescriptor(description=description, read_only=read_only)
-        if int_range:
-            descriptor.integer_range = [IntegerRange(from_value=int_range[0], to_value=int_range[1], step=1)]
-        if float_range:
-            descriptor.floating_point_range = [FloatingPointRange(from_value=float(float_range[0]),
-                                                                  to_value=float(float_range[1]), step=0.0)]
-        self.declare_parameter(name, default, descriptor)
+        declare(self, name, default, description, int_range=int_range, float_range=float_range)
         self._choices[name] = choices
 
     def _declare_parameters(self):
@@ -377,27 +367,18 @@ class TheiaEncoderNode(LifecycleNode):
         self.diag_pub.publish(array)
 
 
+def _autostart(node):
+    if not node.get_parameter("autostart").value:
+        return
+    if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+        node.get_logger().error("autostart: configure failed; staying unconfigured (fix the parameters and "
+                                "configure again through the lifecycle services)")
+    else:
+        node.trigger_activate()
+
+
 def main(argv=None):
-    use_package_fastdds_profile()
-    rclpy.init(args=argv if argv is not None else sys.argv)
-    node = TheiaEncoderNode()
-    executor = SingleThreadedExecutor()
-    executor.add_node(node)
-    if node.get_parameter("autostart").value:
-        if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
-            node.get_logger().error("autostart: configure failed; staying unconfigured (fix the parameters and "
-                                    "configure again through the lifecycle services)")
-        else:
-            node.trigger_activate()
-    try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return run_node(TheiaEncoderNode, argv, on_start=_autostart)
 
 
 if __name__ == "__main__":

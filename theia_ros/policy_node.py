@@ -16,11 +16,8 @@ import sys
 import time
 
 import numpy as np
-import rclpy
 import yaml
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy, HistoryPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import JointState
@@ -31,7 +28,7 @@ from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 from theia_ros.features import FeaturesFormatError, features_to_numpy
 from theia_ros.msg import Features, MultiCameraFeatures
 from theia_ros.policies import ObservationBuffer, ObservationError, PolicyError, make_policy
-from theia_ros.ros_env import use_package_fastdds_profile
+from theia_ros.node_main import declare, run_node
 from theia_ros.safety import CommandFilter
 from theia_ros.stats import LatencyWindow, LogThrottle, RateMeter
 
@@ -108,13 +105,7 @@ class TheiaPolicyNode(Node):
     # ------------------------------------------------------------------ set-up
     def _declare_parameters(self):
         def d(name, default, description, int_range=None, float_range=None):
-            desc = ParameterDescriptor(description=description, read_only=True)
-            if int_range:
-                desc.integer_range = [IntegerRange(from_value=int_range[0], to_value=int_range[1], step=1)]
-            if float_range:
-                desc.floating_point_range = [FloatingPointRange(from_value=float(float_range[0]),
-                                                                to_value=float(float_range[1]), step=0.0)]
-            self.declare_parameter(name, default, desc)
+            declare(self, name, default, description, int_range=int_range, float_range=float_range)
 
         d("policy", "hold", "Policy: a registered name (hold, mlp, theia_head, or a plugin's entry point) or a "
           "dotted path module:Class.")
@@ -344,25 +335,7 @@ class TheiaPolicyNode(Node):
 
 
 def main(argv=None):
-    use_package_fastdds_profile()
-    rclpy.init(args=argv if argv is not None else sys.argv)
-    try:
-        node = TheiaPolicyNode()
-    except Exception as exc:  # a bad policy configuration: say why and exit non-zero, before commanding
-        rclpy.logging.get_logger("theia_policy").fatal(f"cannot start: {exc}")
-        rclpy.try_shutdown()
-        return 1
-    executor = SingleThreadedExecutor()
-    executor.add_node(node)
-    try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return run_node(TheiaPolicyNode, argv)
 
 
 if __name__ == "__main__":

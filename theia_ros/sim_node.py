@@ -31,8 +31,7 @@ import time
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -42,7 +41,7 @@ from std_msgs.msg import Float64MultiArray, String
 from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
-from theia_ros.ros_env import use_package_fastdds_profile
+from theia_ros.node_main import declare, run_node
 from theia_ros.stats import LatencyWindow, LogThrottle, RateMeter
 
 STATUS_TOPIC = "sim/episode"
@@ -132,13 +131,8 @@ class TheiaSimNode(Node):
     # ------------------------------------------------------------------ parameters
     def _declare_parameters(self):
         def d(name, default, description, int_range=None, float_range=None, read_only=True):
-            desc = ParameterDescriptor(description=description, read_only=read_only)
-            if int_range:
-                desc.integer_range = [IntegerRange(from_value=int_range[0], to_value=int_range[1], step=1)]
-            if float_range:
-                desc.floating_point_range = [FloatingPointRange(from_value=float(float_range[0]),
-                                                                to_value=float(float_range[1]), step=0.0)]
-            self.declare_parameter(name, default, desc)
+            declare(self, name, default, description, int_range=int_range, float_range=float_range,
+                    read_only=read_only)
 
         d("cameras", ["front", "wrist"], "Cameras to publish: front (fixed, facing the robot across the table) "
           "and/or wrist (on the hand). Topics <camera>/image_raw and <camera>/camera_info.")
@@ -344,26 +338,8 @@ class TheiaSimNode(Node):
 
 
 def main(argv=None):
-    use_package_fastdds_profile()
-    rclpy.init(args=argv if argv is not None else sys.argv)
-    try:
-        node = TheiaSimNode()
-    except Exception as exc:  # missing assets, no EGL, bad parameters: say why and exit non-zero
-        rclpy.logging.get_logger("theia_sim").fatal(f"cannot start: {exc}")
-        rclpy.try_shutdown()
-        return 1
-    executor = SingleThreadedExecutor()
-    executor.add_node(node)
-    try:
-        node.run(executor)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        executor.shutdown()
-        node.sim.close()
-        node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return run_node(TheiaSimNode, argv, spin=lambda node, executor: node.run(executor),
+                    on_exit=lambda node: node.sim.close())
 
 
 if __name__ == "__main__":

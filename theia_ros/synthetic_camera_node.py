@@ -9,14 +9,12 @@ import sys
 
 import cv2
 import numpy as np
-import rclpy
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy, HistoryPolicy
 from sensor_msgs.msg import CompressedImage, Image
 
-from theia_ros.ros_env import use_package_fastdds_profile
+from theia_ros.node_main import run_node
 
 
 def render_frames(width, height, count, seed=0):
@@ -86,17 +84,7 @@ class SyntheticCamera(Node):
 
 
 def main(argv=None):
-    use_package_fastdds_profile()
-    rclpy.init(args=argv if argv is not None else sys.argv)
-    node = SyntheticCamera()
-    try:
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return run_node(SyntheticCamera, argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,53 @@
+"""What every theia_ros node executable shares: parameter declaration and the main() lifecycle."""
+import sys
+
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+
+
+def declare(node, name, default, description, *, int_range=None, float_range=None, read_only=True):
+    """Declare a parameter with its description and, where given, its range."""
+    descriptor = ParameterDescriptor(description=description, read_only=read_only)
+    if int_range:
+        descriptor.integer_range = [IntegerRange(from_value=int(int_range[0]), to_value=int(int_range[1]), step=1)]
+    if float_range:
+        descriptor.floating_point_range = [FloatingPointRange(from_value=float(float_range[0]),
+                                                              to_value=float(float_range[1]), step=0.0)]
+    return node.declare_parameter(name, default, descriptor)
+
+
+def run_node(node_class, argv=None, *, on_start=None, spin=None, on_exit=None):
+    """Start `node_class` on a SingleThreadedExecutor (inference and rendering want the executor's
+    own thread) until Ctrl-C or shutdown. A node that cannot be built (bad parameters, missing
+    files) logs why and returns 1 before doing anything; a clean stop returns 0."""
+    import rclpy
+    from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+
+    from theia_ros.ros_env import use_package_fastdds_profile
+
+    use_package_fastdds_profile()
+    rclpy.init(args=argv if argv is not None else sys.argv)
+    try:
+        node = node_class()
+    except Exception as exc:
+        rclpy.logging.get_logger(getattr(node_class, "default_name", node_class.__name__)).fatal(
+            f"cannot start: {exc}")
+        rclpy.try_shutdown()
+        return 1
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    try:
+        if on_start is not None:
+            on_start(node)
+        if spin is not None:
+            spin(node, executor)
+        else:
+            executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        executor.shutdown()
+        if on_exit is not None:
+            on_exit(node)
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
