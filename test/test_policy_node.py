@@ -180,3 +180,25 @@ def test_bad_policy_configuration_exits_with_a_clear_error(tmp_path):
         assert wait_until(lambda: not node.alive(), 30)
         assert node.proc.returncode == 1
         assert "no_such_policy" in node.output() and "cannot start" in node.output()
+
+
+def test_cartesian_end_effector_steps_as_pose_stamped(ros_client, tmp_path, collect):
+    from geometry_msgs.msg import PoseStamped
+    from transforms3d.euler import euler2quat
+
+    poses = collect(PoseStamped, "ee_delta")
+    feed = FeedThread(ros_client)
+    axes = ["dx", "dy", "dz", "droll", "dpitch", "dyaw"]
+    try:
+        with start_policy(tmp_path, policy="hold", policy_params="{position: [0.05, -0.01, 0.0, 0.0, 0.0, 0.3]}",
+                          joint_names=axes, proprio_joints=[""], command_format="ee_delta_pose",
+                          ee_frame="panda_hand", joint_lower=[-0.02] * 3 + [-0.2] * 3,
+                          joint_upper=[0.02] * 3 + [0.2] * 3) as node:
+            assert wait_until(lambda: len(poses) >= 3, 30), node.output()
+            msg = poses[-1][1]
+            assert msg.header.frame_id == "panda_hand"
+            p, q = msg.pose.position, msg.pose.orientation
+            np.testing.assert_allclose([p.x, p.y, p.z], [0.02, -0.01, 0.0])  # step clamped to 2 cm
+            np.testing.assert_allclose([q.w, q.x, q.y, q.z], euler2quat(0, 0, 0.2, axes="sxyz"), atol=1e-12)
+    finally:
+        feed.close()

@@ -18,6 +18,7 @@ import time
 import numpy as np
 import yaml
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from geometry_msgs.msg import PoseStamped
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy, HistoryPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import JointState
@@ -36,6 +37,9 @@ COMMAND_FORMATS = {
     "float64_multi_array": (Float64MultiArray, "commands"),  # ros2_control forward_command_controller
     "joint_trajectory": (JointTrajectory, "joint_trajectory"),
     "joint_state": (JointState, "joint_command"),
+    # Cartesian: the 6 action values are an end-effector step [dx, dy, dz, droll, dpitch, dyaw] (m, rad,
+    # static-axis roll-pitch-yaw) in `ee_frame`, for a Cartesian controller or servo node
+    "ee_delta_pose": (PoseStamped, "ee_delta"),
 }
 
 
@@ -124,8 +128,10 @@ class TheiaPolicyNode(Node):
         d("action_mode", "position", "position or velocity (no checkpoint only).")
         d("rate", 10.0, "Command rate (Hz).", float_range=(0.1, 1000.0))
         d("command_format", "float64_multi_array", "float64_multi_array (topic commands, for a ros2_control "
-          "forward_command_controller), joint_trajectory (topic joint_trajectory) or joint_state (topic "
-          "joint_command).")
+          "forward_command_controller), joint_trajectory (topic joint_trajectory), joint_state (topic "
+          "joint_command), or ee_delta_pose (topic ee_delta, geometry_msgs/PoseStamped: a 6-value action "
+          "[dx, dy, dz, droll, dpitch, dyaw] as an end-effector step in ee_frame).")
+        d("ee_frame", "end_effector", "frame_id of ee_delta_pose commands (the frame the step is expressed in).")
         d("trajectory_time_from_start", 0.1, "time_from_start of the JointTrajectory point (s).",
           float_range=(0.0, 60.0))
         d("joint_lower", [0.0], "Lower joint limits (empty or [0.0] placeholder: the policy's own).")
@@ -161,6 +167,14 @@ class TheiaPolicyNode(Node):
                               ("features_input", ("per_camera", "synchronized"))):
             if p(name) not in choices:
                 raise ValueError(f"parameter {name}={p(name)!r}: must be one of {', '.join(choices)}")
+        policy = self._build_policy()
+        if p("command_format") == "ee_delta_pose" and policy.action_spec.dim != 6:
+            raise ValueError(f"ee_delta_pose needs a 6-value action [dx, dy, dz, droll, dpitch, dyaw]; the policy "
+                             f"outputs {policy.action_spec.dim} ({policy.action_spec.joint_names})")
+        return policy
+
+    def _build_policy(self):
+        p = self._param
         if p("policy_checkpoint"):
             return make_policy(p("policy") or None, checkpoint=resolve_package_path(p("policy_checkpoint")))
         joints = list(p("joint_names"))
@@ -290,6 +304,16 @@ class TheiaPolicyNode(Node):
         values = [float(v) for v in command]
         if fmt == "float64_multi_array":
             msg = Float64MultiArray(data=values)
+        elif fmt == "ee_delta_pose":
+            from transforms3d.euler import euler2quat
+
+            msg = PoseStamped()
+            msg.header.stamp = self.get_clock().now().to_msg()
+            msg.header.frame_id = self._param("ee_frame")
+            msg.pose.position.x, msg.pose.position.y, msg.pose.position.z = values[:3]
+            w, x, y, z = euler2quat(*values[3:6], axes="sxyz")
+            msg.pose.orientation.w, msg.pose.orientation.x = float(w), float(x)
+            msg.pose.orientation.y, msg.pose.orientation.z = float(y), float(z)
         elif fmt == "joint_trajectory":
             msg = JointTrajectory(joint_names=joints)
             msg.header.stamp = self.get_clock().now().to_msg()
