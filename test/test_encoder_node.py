@@ -128,7 +128,8 @@ def test_three_compressed_cameras_synchronized_in_one_message(ros_client, tmp_pa
     multi, msub = ros_client.collect(MultiCameraFeatures, "features/synchronized")
     pubs = {c: ros_client.publisher(CompressedImage, f"{c}/image_raw/compressed") for c in cams}
     with start_encoder(tmp_path, cameras=cams, mode="synchronized", sync_slop=0.05,
-                       image_transport="compressed", representation="mean", output_dtype="float16") as node:
+                       image_transport="compressed", representation="mean", output_dtype="float16",
+                       right={"crop": [16, 8, 64, 48]}) as node:
         for p in pubs.values():
             assert ros_client.wait_for_subscribers(p, timeout=60), node.output()
         pngs = {c: frame(20 + i, 96, 128) for i, c in enumerate(cams)}
@@ -154,7 +155,8 @@ def test_three_compressed_cameras_synchronized_in_one_message(ros_client, tmp_pa
         for f in m.cameras:
             got = features_to_numpy(f)
             assert got.dtype == np.float16 and got.shape == (192,) and f.representation == "mean"
-            want = reference_model.forward_feature(pngs[f.camera][None], representation="mean")[0]
+            image = pngs[f.camera][8:56, 16:80] if f.camera == "right" else pngs[f.camera]  # right: cropped
+            want = reference_model.forward_feature(image[None], representation="mean")[0]
             np.testing.assert_allclose(got.astype(np.float32), want.numpy(), rtol=2e-3, atol=2e-3)
 
         send(21_000_000_000, corrupt="right")  # one camera's frame is corrupt: no set, no crash

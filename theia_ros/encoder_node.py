@@ -110,6 +110,10 @@ class TheiaEncoderNode(LifecycleNode):
           int_range=(1, 2**31 - 1))
         d("crop", [0, 0, 0, 0], "Crop (x, y, w, h) applied to every camera before resizing; all zeros: none.")
         d("letterbox", False, "Pad to a square before resizing instead of stretching (off: as the reference).")
+        for cam in self.get_parameter("cameras").value:  # per-camera geometry, e.g. `wrist: {crop: [...]}`
+            d(f"{cam}.crop", [0, 0, 0, 0], f"Crop (x, y, w, h) of camera {cam}; all zeros: the node-wide crop.")
+            d(f"{cam}.letterbox", self.get_parameter("letterbox").value,
+              f"Letterbox camera {cam} (default: the node-wide letterbox).")
         d("debug_image", False, "Publish <name>/features_image: the tokens' first 3 principal components as RGB.")
         d("debug_image_rate", 2.0, "Largest rate (Hz) of the debug images.", float_range=(0.01, 30.0))
         d("diagnostics_period", 1.0, "Seconds between /diagnostics messages.", float_range=(0.1, 60.0))
@@ -133,12 +137,10 @@ class TheiaEncoderNode(LifecycleNode):
                 device=self._param("device"), max_batch=self._param("max_batch"),
                 representation=self._param("representation"), output_dtype=self._param("output_dtype"))
             self.encoder.warm_up()
-            crop = list(self._param("crop"))
-            config = PreprocessConfig(crop=tuple(crop) if any(crop) else None, letterbox=self._param("letterbox"))
             names = list(self._param("cameras"))
             if not names or len(set(names)) != len(names):
                 raise ValueError(f"parameter cameras={names}: needs one or more distinct names")
-            self.cameras = {name: _Camera(name, config) for name in names}
+            self.cameras = {name: _Camera(name, self._preprocess_config(name)) for name in names}
             self.mode = self._param("mode")
             self._param("image_transport"), self._param("qos")  # validate now, not on activate
         except Exception as exc:  # a bad checkpoint or parameter must not take the process down
@@ -164,6 +166,10 @@ class TheiaEncoderNode(LifecycleNode):
             self.multi_pub = self.create_lifecycle_publisher(MultiCameraFeatures, "features/synchronized", 10)
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         return TransitionCallbackReturn.SUCCESS
+
+    def _preprocess_config(self, camera):
+        crop = list(self._param(f"{camera}.crop")) if any(self._param(f"{camera}.crop")) else list(self._param("crop"))
+        return PreprocessConfig(crop=tuple(crop) if any(crop) else None, letterbox=self._param(f"{camera}.letterbox"))
 
     def on_activate(self, state):
         if self._param("qos") == "reliable":
