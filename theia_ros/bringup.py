@@ -83,16 +83,17 @@ class Graph:
         return {name: p.returncode for name, p in self.procs.items() if p.poll() is not None}
 
     def stop(self, timeout=10.0):
+        """SIGINT each node in data-flow order (the YAML's order: camera or simulator, encoder,
+        policy), waiting for each: a node then stops while its inputs are already quiet, not in
+        the middle of a frame."""
         for p in self.procs.values():
             if p.poll() is None:
                 p.send_signal(signal.SIGINT)
-        deadline = time.monotonic() + timeout
-        for p in self.procs.values():
-            try:
-                p.wait(max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+                try:
+                    p.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()
         os.unlink(self.file.name)
         return {name: p.returncode for name, p in self.procs.items()}
 

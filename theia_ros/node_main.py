@@ -1,4 +1,5 @@
 """What every theia_ros node executable shares: parameter declaration and the main() lifecycle."""
+import faulthandler
 import sys
 
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
@@ -24,6 +25,7 @@ def run_node(node_class, argv=None, *, on_start=None, spin=None, on_exit=None):
 
     from theia_ros.ros_env import use_package_fastdds_profile
 
+    faulthandler.enable()  # a crash in native code (DDS, torch, MuJoCo) leaves a Python traceback in the log
     use_package_fastdds_profile()
     rclpy.init(args=argv if argv is not None else sys.argv)
     try:
