@@ -18,7 +18,6 @@ transformers 5.x names by :func:`checkpoint_key_to_module_key`).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .hashing import sha256_file
 from .preprocess import PreprocessConfig, to_model_input
 
 __all__ = [
@@ -492,14 +492,7 @@ def file_sha256(path: Union[str, Path], chunk_size: int = 4 * 2**20) -> str:
     with _HASH_LOCK:
         if key in _HASH_CACHE:
             return _HASH_CACHE[key]
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(chunk_size)
-            if not chunk:
-                break
-            digest.update(chunk)
-    hexdigest = digest.hexdigest()
+    hexdigest = sha256_file(path, chunk_size)
     with _HASH_LOCK:
         _HASH_CACHE[key] = hexdigest
     return hexdigest

@@ -30,6 +30,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence
 
+from theia_ros.hashing import sha256_file
+
 log = logging.getLogger("theia_ros.backends")
 
 ENV_VAR = "THEIA_ROS_CACHE"
@@ -73,15 +75,9 @@ def slot_name(key: Mapping) -> str:
     return "_".join(_slug(p) for p in parts if p != "") + "_" + key_digest(key)
 
 
-def file_digest(path, chunk_size=8 * 2**20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(chunk_size)
-            if not chunk:
-                break
-            digest.update(chunk)
-    return digest.hexdigest()
+def file_digest(path) -> str:
+    """Uncached on purpose: a corrupt engine must be caught even if its size and mtime look right."""
+    return sha256_file(path)
 
 
 def describe_mismatch(field: str, was, now) -> str:
