@@ -142,6 +142,8 @@ class TheiaEncoderNode(LifecycleNode):
                 raise ValueError(f"parameter cameras={names}: needs one or more distinct names")
             self.cameras = {name: _Camera(name, self._preprocess_config(name)) for name in names}
             self.mode = self._param("mode")
+            self._max_pixels = self._param("max_image_pixels")  # per-frame values, read once
+            self._debug_period = 1.0 / self._param("debug_image_rate")
             self._param("image_transport"), self._param("qos")  # validate now, not on activate
         except Exception as exc:  # a bad checkpoint or parameter must not take the process down
             self.get_logger().error(f"configure failed: {exc}")
@@ -288,7 +290,7 @@ class TheiaEncoderNode(LifecycleNode):
         return rgb
 
     def _check_size(self, height, width):
-        limit = self.get_parameter("max_image_pixels").value
+        limit = self._max_pixels
         if height * width > limit:
             raise ImageDecodeError(f"{width}x{height} frame exceeds max_image_pixels={limit}")
 
@@ -331,7 +333,7 @@ class TheiaEncoderNode(LifecycleNode):
 
     def _maybe_publish_debug(self, cam, msg, tensor):
         now = time.monotonic()
-        if now - cam.last_debug < 1.0 / self._param("debug_image_rate"):
+        if now - cam.last_debug < self._debug_period:
             return
         cam.last_debug = now
         rep = self.encoder.representation

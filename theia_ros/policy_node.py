@@ -152,7 +152,10 @@ class TheiaPolicyNode(Node):
           int_range=(0, 256))
 
     def _param(self, name):
-        value = self.get_parameter(name).value
+        # all parameters are read-only: read once, so the control loop does no parameter look-ups
+        if not hasattr(self, "_values"):
+            self._values = {n: p.value for n, p in self._parameters.items()}
+        value = self._values[name]
         if name in ("joint_lower", "joint_upper") and list(value) == [0.0]:
             return []
         return value
