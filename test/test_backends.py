@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -369,33 +370,76 @@ def test_tensorrt_batch_profile_and_key(tiny):
     assert k16["weights_id"] == tiny.weights_id and k16["batch"] == [1, 4]
 
 
-def test_tensorrt_compile_and_save_arguments():
-    from theia_ros.backends.tensorrt_backend import compile_kwargs, save_kwargs
+def _released_signatures():
+    """Parameter names of torch_tensorrt.dynamo.compile / save / load in the released wheels
+    (recorded by scripts/record_trt_signatures.py from the wheels' sources)."""
+    path = Path(__file__).parent / "data" / "torch_tensorrt_signatures.json"
+    data = json.loads(path.read_text())
+    names = {}
+    for version, entry in data.items():
+        names[version] = {fn: set(sig["positional"]) | set(sig["keyword_only"])
+                          for fn, sig in entry.items() if fn in ("dynamo.compile", "save", "load")}
+    return names
 
-    new = {"exported_program", "arg_inputs", "device", "min_block_size", "use_explicit_typing",
-           "cache_built_engines", "reuse_cached_engines", "truncate_double", "optimization_level",
-           "enable_autocast", "autocast_low_precision_type", "autocast_excluded_ops", "enabled_precisions",
-           "disable_tf32"}
-    kw = compile_kwargs(new, "fp16", "cuda:0", optimization_level=3)
-    assert "enabled_precisions" not in kw  # removed in 2.13: passing it would silently build fp32
-    assert kw["use_explicit_typing"] is True and kw["cache_built_engines"] is False
-    assert kw["optimization_level"] == 3 and "enable_autocast" not in kw
-    assert kw["disable_tf32"] is True  # fp32 engines are real fp32 (the 0.9999 gate)
-    auto = compile_kwargs(new, "fp16", "cuda:0", fp16_mode="autocast")
-    assert auto["enable_autocast"] is True and auto["autocast_low_precision_type"] == torch.float16
-    assert torch.ops.aten.native_layer_norm.default in auto["autocast_excluded_ops"]
-    old = {"exported_program", "inputs", "device", "min_block_size", "use_explicit_typing", "enabled_precisions"}
-    assert set(compile_kwargs(old, "fp16", "cuda:0")) == {"device", "min_block_size", "use_explicit_typing"}
-    with pytest.raises(BackendError, match="autocast"):
-        compile_kwargs(old, "fp16", "cuda:0", fp16_mode="autocast")
+
+TRT_SIGNATURES = _released_signatures()
+
+
+def test_recorded_signatures_cover_the_versions_we_document():
+    assert {"2.8.0", "2.10.0", "2.13.0", "2.14.0"} <= set(TRT_SIGNATURES)
+    # what the docstrings claim of these releases, checked against the wheels' own sources
+    assert "enabled_precisions" in TRT_SIGNATURES["2.10.0"]["dynamo.compile"]
+    assert "enabled_precisions" not in TRT_SIGNATURES["2.13.0"]["dynamo.compile"]
+    assert "enable_autocast" not in TRT_SIGNATURES["2.8.0"]["dynamo.compile"]
+    assert "dynamic_shapes" not in TRT_SIGNATURES["2.8.0"]["save"]
+
+
+@pytest.mark.parametrize("version", sorted(TRT_SIGNATURES))
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_tensorrt_compile_arguments_exist_in_each_release(version, precision):
+    from theia_ros.backends.tensorrt_backend import compile_kwargs
+
+    params = TRT_SIGNATURES[version]["dynamo.compile"]
+    kw = compile_kwargs(params, precision, "cuda:0", optimization_level=3)
+    assert set(kw) <= params, f"{version}: not in dynamo.compile: {set(kw) - params}"
+    assert "enabled_precisions" not in kw  # removed in 2.13 (would silently build fp32); never needed
+    assert kw["min_block_size"] == 1 and kw["cache_built_engines"] is False and kw["disable_tf32"] is True
+    assert kw["optimization_level"] == 3 and "use_fp32_acc" not in kw and "enable_autocast" not in kw
+    if "use_explicit_typing" in params:  # before 2.13 it defaults to False: the fp16 graph would be re-typed
+        assert kw["use_explicit_typing"] is True
+    if "attn_bias_is_causal" in params:  # 2.13+ defaults to True
+        assert kw["attn_bias_is_causal"] is False
+    acc = compile_kwargs(params, precision, "cuda:0", fp32_acc=True)
+    assert acc.get("use_fp32_acc") is (True if precision == "fp16" else None) and set(acc) <= params
+    if precision == "fp32":
+        return
+    if "enable_autocast" in params:
+        auto = compile_kwargs(params, precision, "cuda:0", fp16_mode="autocast")
+        assert auto["enable_autocast"] is True and auto["autocast_low_precision_type"] == _DTYPE[precision]
+        assert torch.ops.aten.native_layer_norm.default in auto["autocast_excluded_ops"] and set(auto) <= params
+    else:
+        with pytest.raises(BackendError, match="autocast"):
+            compile_kwargs(params, precision, "cuda:0", fp16_mode="autocast")
+
+
+_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@pytest.mark.parametrize("version", sorted(TRT_SIGNATURES))
+def test_tensorrt_save_arguments_exist_in_each_release(version):
+    from theia_ros.backends.tensorrt_backend import save_kwargs
+
+    params = TRT_SIGNATURES[version]["save"]
     example = torch.zeros(2, 3, 224, 224)
     dyn = ({0: torch.export.Dim("batch", min=1, max=4)},)
-    s = save_kwargs({"module", "file_path", "output_format", "arg_inputs", "retrace", "dynamic_shapes"}, example, dyn)
-    assert s["output_format"] == "exported_program" and s["arg_inputs"][0] is example and s["dynamic_shapes"] is dyn
-    assert s["retrace"] is True
-    older = save_kwargs({"module", "file_path", "output_format", "inputs", "arg_inputs", "retrace", "kwargs"}, example, dyn)
-    assert "dynamic_shapes" not in older and older["retrace"] is False  # 2.8 would re-export a static batch
-    assert "dynamic_shapes" not in save_kwargs({"inputs"}, example, dyn)
+    s = save_kwargs(params, example, dyn)
+    assert set(s) <= params and s["output_format"] == "exported_program" and s["arg_inputs"][0] is example
+    if "dynamic_shapes" in params:
+        assert s["dynamic_shapes"] is dyn and s["retrace"] is True
+    else:  # 2.8 would re-export a static batch when retracing
+        assert "dynamic_shapes" not in s and s["retrace"] is False
+    assert save_kwargs(params, example, None)["retrace"] is True
+    assert "file_path" in TRT_SIGNATURES[version]["load"]
 
 
 def test_tensorrt_low_precision_graph_keeps_norms_in_fp32(tiny):
@@ -422,6 +466,35 @@ def test_tensorrt_low_precision_graph_keeps_norms_in_fp32(tiny):
     exported = torch.export.export(low, (pixels,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4)},),
                                    strict=False)
     assert exported.module()(pixels[:1]).shape == (1, 196, 192)
+
+
+@pytest.mark.parametrize("graph", ["model", "lean"])
+def test_tensorrt_graphs_use_only_ops_each_release_converts(tiny, graph):
+    """Static check of what a GPU build would meet: every ATen op of the graphs handed to
+    torch_tensorrt.dynamo.compile (after the core ATen decompositions, as its lowering does) has a
+    TensorRT converter or is replaced / removed by torch-tensorrt's own lowering, in every recorded
+    release; so the engine is one TensorRT block with no PyTorch fallback between layers.
+    Converter capability checks (dtypes, dynamic shapes) need TensorRT itself and are not covered."""
+    import operator
+
+    from theia_ros.backends.tensorrt_backend import fp32_module, low_precision_module
+
+    data = json.loads((Path(__file__).parent / "data" / "torch_tensorrt_signatures.json").read_text())
+    modules = {"fp32": fp32_module(tiny, "tokens", graph),
+               "fp16": low_precision_module(tiny, "tokens", torch.float16, graph)}
+    example = validation_pixels(2)
+    for precision, module in modules.items():
+        with torch.no_grad():
+            exported = torch.export.export(module, (example,), strict=False,
+                                           dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4)},))
+        lowered = exported.run_decompositions()
+        ops = {str(n.target) for n in lowered.graph.nodes if n.op == "call_function"
+               and n.target not in (operator.getitem, operator.mul, operator.add, operator.floordiv)}
+        assert "aten.convolution.default" in ops and "aten.native_layer_norm.default" in ops
+        for version, entry in data.items():
+            known = set(entry["converted_ops"]) | set(entry["lowered_ops"])
+            missing = {op for op in ops if op not in known and op.rsplit(".", 1)[0] not in known}
+            assert not missing, f"torch-tensorrt {version} cannot convert {sorted(missing)} ({graph}, {precision})"
 
 
 def test_tensorrt_backend_explains_what_is_missing(tiny):
@@ -514,6 +587,7 @@ class _FakeTorchTensorRT:
 
         self.compiles, self.saves, self.loads = [], [], []
         self.corrupt = corrupt
+        self.needs_fp32_acc = False  # True: only an engine compiled with use_fp32_acc computes the model
         outer = self
 
         class Input:
@@ -521,11 +595,13 @@ class _FakeTorchTensorRT:
                 self.min_shape, self.opt_shape, self.max_shape, self.dtype = min_shape, opt_shape, max_shape, dtype
 
         def compile(exported_program, arg_inputs=None, *, device=None, min_block_size=5, use_explicit_typing=False,
-                    cache_built_engines=True, reuse_cached_engines=True, disable_tf32=False):
+                    cache_built_engines=True, reuse_cached_engines=True, disable_tf32=False, use_fp32_acc=False,
+                    attn_bias_is_causal=True):
             outer.compiles.append({"arg_inputs": arg_inputs, "use_explicit_typing": use_explicit_typing,
+                                   "use_fp32_acc": use_fp32_acc, "attn_bias_is_causal": attn_bias_is_causal,
                                    "exported": exported_program})
             module = exported_program.module()
-            if outer.corrupt:  # a miscompiled engine: the gate must refuse it
+            if outer.corrupt or (outer.needs_fp32_acc and not use_fp32_acc):  # the gate must refuse it
                 def broken(x):
                     return module(x) * -1.0
                 return broken
@@ -589,3 +665,27 @@ def test_tensorrt_flow_with_a_stand_in(tiny, fake_trt, caplog):
     fake_trt.corrupt = True
     with pytest.raises(BackendError, match="refusing tensorrt bf16 engine"):
         create_backend("tensorrt", model, precision="bf16", device="cpu", max_batch=2)
+
+
+def test_tensorrt_fp16_rebuilds_with_fp32_accumulation_only_when_refused(tiny, fake_trt, caplog):
+    model = copy.deepcopy(tiny)
+    first = create_backend("tensorrt", model, precision="fp16", device="cpu", max_batch=2)
+    assert [c["use_fp32_acc"] for c in fake_trt.compiles] == [False] and first.fp32_acc_used is False
+    assert fake_trt.compiles[0]["attn_bias_is_causal"] is False
+
+    fake_trt.needs_fp32_acc = True  # a GPU whose fp16 GEMMs lose too much: the first engine is refused
+    with caplog.at_level(logging.WARNING, logger="theia_ros.backends"):
+        second = create_backend("tensorrt", model, precision="fp16", device="cpu", max_batch=4)
+    assert [c["use_fp32_acc"] for c in fake_trt.compiles[1:]] == [False, True]
+    assert "rebuilding with fp32 accumulation" in caplog.text and "refusing tensorrt fp16 engine" in caplog.text
+    assert second.fp32_acc_used is True and second.validation_cosine >= 0.999
+    again = create_backend("tensorrt", model, precision="fp16", device="cpu", max_batch=4)
+    assert again.cache.status == "hit" and again.fp32_acc_used is True and len(fake_trt.compiles) == 3
+
+    with pytest.raises(BackendError, match="refusing tensorrt fp16 engine"):  # "off": no second try
+        create_backend("tensorrt", model, precision="fp16", device="cpu", max_batch=3, fp32_acc="off")
+    assert [c["use_fp32_acc"] for c in fake_trt.compiles[3:]] == [False]
+    on = create_backend("tensorrt", model, precision="fp16", device="cpu", max_batch=3, fp32_acc="on")
+    assert [c["use_fp32_acc"] for c in fake_trt.compiles[4:]] == [True] and on.fp32_acc_used is True
+    with pytest.raises(BackendError, match="fp32_acc must be one of"):
+        create_backend("tensorrt", model, precision="fp16", device="cpu", fp32_acc="yes")

@@ -56,6 +56,8 @@ def _run_export(args) -> int:
     if model.random_weights:
         print(f"note: {args.source} has RANDOM weights (fine for speed tests, meaningless features)", file=sys.stderr)
     options = {"rebuild": args.rebuild}
+    if args.backend == "tensorrt":
+        options["fp32_acc"] = args.fp32_acc
     if args.cache_dir:
         options["cache_dir"] = args.cache_dir
     print(f"{args.backend} {precision} engine for {model.variant} ({args.representation}), batch 1..{args.max_batch}, "
@@ -70,7 +72,8 @@ def _run_export(args) -> int:
     status = backend.cache.status
     cosine = backend.validation_cosine
     print(f"{status} in {ticker.seconds:.1f} s"
-          + (f"; cosine {cosine:.6f} to fp32 torch on the validation input" if cosine is not None else ""),
+          + (f"; cosine {cosine:.6f} to fp32 torch on the validation input" if cosine is not None else "")
+          + ("; fp16 matmuls accumulate in fp32" if getattr(backend, "fp32_acc_used", False) else ""),
           file=sys.stderr)
     print(backend.engine_path)
     return 0
@@ -133,6 +136,9 @@ def add_parser(subparsers):
                                                      "~/.cache/theia_ros/engines)")
     p.add_argument("--rebuild", action="store_true", help="rebuild even when a valid engine is cached")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--fp32-acc", choices=("auto", "on", "off"), default="auto",
+                   help="tensorrt fp16: accumulate matmuls in fp32 (slower); auto: only if the fp16 engine "
+                        "fails the accuracy gate (default auto)")
     p.set_defaults(func=_run_export)
 
     b = subparsers.add_parser(

@@ -17,6 +17,14 @@ fp32 (transformers' eager attention), engine inputs and outputs fp32.  ``fp16_mo
 instead hands an fp32 graph to torch-tensorrt's rule-based autocast (2.10+), keeping layer_norm
 and softmax in fp32.  Either way the engine must pass the validation gate before it is cached.
 
+Accumulation: TensorRT may pick fp16-accumulating GEMM kernels for an fp16 graph.  torch-tensorrt's
+``use_fp32_acc`` (2.8+) prevents that by running each fp16 matmul on fp32-cast inputs, which costs
+speed, so ``fp32_acc="auto"`` (the default) builds without it first and rebuilds with it only when
+the fp16 engine fails the validation gate; "on" / "off" force it.  It has no effect on bf16/fp32.
+
+The argument names used here are checked against the signatures recorded from the released wheels
+(2.8, 2.10, 2.13, 2.14: ``scripts/record_trt_signatures.py``, ``test/data``).
+
 Engines are specific to the GPU model and the TensorRT version: both are part of the cache
 sidecar, and a mismatch rebuilds the engine (see backends.cache).
 """
@@ -46,6 +54,7 @@ log = logging.getLogger("theia_ros.backends")
 ENGINE_FILE = "engine.ep"
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FP16_MODES = ("explicit", "autocast")
+FP32_ACC_MODES = ("auto", "on", "off")
 
 
 def import_torch_tensorrt():
@@ -75,7 +84,7 @@ def batch_profile(max_batch: int, opt_batch=None):
 
 
 def engine_key(model, representation, precision, max_batch, opt_batch, fp16_mode="explicit",
-               optimization_level=None, graph="model") -> dict:
+               optimization_level=None, graph="model", fp32_acc="auto") -> dict:
     return {
         "backend": "tensorrt",
         "variant": model.variant,
@@ -87,6 +96,7 @@ def engine_key(model, representation, precision, max_batch, opt_batch, fp16_mode
         "fp16_mode": fp16_mode if precision != "fp32" else None,
         "optimization_level": optimization_level,
         "graph": graph,
+        "fp32_acc": fp32_acc if precision == "fp16" else None,
     }
 
 
@@ -95,13 +105,17 @@ def _accepts(params, name):
 
 
 def compile_kwargs(params, precision: str, device, fp16_mode: str = "explicit", optimization_level=None,
-                   workspace_size=None, tf32=False) -> dict:
+                   workspace_size=None, tf32=False, fp32_acc=False) -> dict:
     """Keyword arguments for torch_tensorrt.dynamo.compile, restricted to the ones its signature
     (``params``: parameter names) has.  Never passes ``enabled_precisions`` (ignored by 2.13+).
     fp32 engines are true fp32 unless ``tf32`` (TensorRT would otherwise use TF32 matmuls on
-    Ampere and newer, ~1e-3 relative error per matmul)."""
+    Ampere and newer, ~1e-3 relative error per matmul).  ``fp32_acc``: fp16 matmuls accumulate in
+    fp32 (``use_fp32_acc``)."""
     params = set(params)
     kwargs = {"min_block_size": 1, "device": device}
+    fp32_acc = bool(fp32_acc) and precision == "fp16"
+    if fp32_acc and "use_fp32_acc" not in params:
+        raise BackendError("tensorrt backend: fp32 accumulation needs torch-tensorrt >= 2.8 (use_fp32_acc)")
     optional = {
         "use_explicit_typing": True,      # honour the dtypes in the graph (2.13+: always on)
         "cache_built_engines": False,     # our own cache holds the whole program
@@ -111,6 +125,8 @@ def compile_kwargs(params, precision: str, device, fp16_mode: str = "explicit", 
         "optimization_level": optimization_level,
         "workspace_size": workspace_size,
         "disable_tf32": not tf32,
+        "use_fp32_acc": True if fp32_acc else None,
+        "attn_bias_is_causal": False,     # 2.13+ assumes a causal attention bias by default; a ViT has none
     }
     for name, value in optional.items():
         if value is not None and name in params:
@@ -273,7 +289,7 @@ class TensorRTBackend(InferenceBackend):
 
     def __init__(self, model, representation="tokens", precision="fp16", device="cuda", max_batch=4,
                  opt_batch=None, fp16_mode="explicit", optimization_level=None, workspace_size=None,
-                 tf32=False, graph="model", cache_dir=None, rebuild=False, validate="build"):
+                 tf32=False, graph="model", fp32_acc="auto", cache_dir=None, rebuild=False, validate="build"):
         super().__init__(model, representation, precision, device, max_batch)
         if precision not in _DTYPES:
             raise BackendError(f"tensorrt backend: unknown precision {precision!r}; use fp32, fp16 or bf16")
@@ -283,6 +299,8 @@ class TensorRTBackend(InferenceBackend):
             raise BackendError("tensorrt backend: CUDA is not available (torch.cuda.is_available() is False)")
         if fp16_mode not in FP16_MODES:
             raise BackendError(f"tensorrt backend: fp16_mode must be one of {FP16_MODES}, got {fp16_mode!r}")
+        if fp32_acc not in FP32_ACC_MODES:
+            raise BackendError(f"tensorrt backend: fp32_acc must be one of {FP32_ACC_MODES}, got {fp32_acc!r}")
         if graph not in ("model", "lean"):
             raise BackendError(f"tensorrt backend: graph must be 'model' or 'lean', got {graph!r}")
         if validate not in ("build", "always"):
@@ -294,9 +312,9 @@ class TensorRTBackend(InferenceBackend):
         fp32_module(self.model, representation)  # unknown representation / teacher: fail before building
         (self.min_batch, self.opt_batch, _), self.example_batch = batch_profile(max_batch, opt_batch)
         self.fp16_mode, self.optimization_level, self.workspace_size = fp16_mode, optimization_level, workspace_size
-        self.graph, self.tf32 = graph, bool(tf32)
+        self.graph, self.tf32, self.fp32_acc = graph, bool(tf32), fp32_acc
         self.key = engine_key(self.model, representation, precision, self.max_batch, self.opt_batch, fp16_mode,
-                              optimization_level, graph)
+                              optimization_level, graph, fp32_acc)
         self.key["tf32"] = self.tf32
         self.environment = gpu_environment(self.device)
         self._built_module = None
@@ -314,6 +332,7 @@ class TensorRTBackend(InferenceBackend):
         self._built_module = None
         self.cache = result
         self.validation_cosine = result.meta.get("validation", {}).get("cosine")
+        self.fp32_acc_used = result.meta.get("fp32_acc_used", False)
         if result.status == "hit":
             log.info("tensorrt engine loaded from cache without rebuilding: %s", self.engine_path)
             if validate == "always":
@@ -355,26 +374,39 @@ class TensorRTBackend(InferenceBackend):
                  self.precision, self.model.variant, self.representation, self.max_batch, self.opt_batch,
                  self.environment["gpu_name"])
         start = time.perf_counter()
-        with torch.no_grad():
-            exported = torch.export.export(module, (example,), dynamic_shapes=dynamic, strict=False)
         spec = trt.Input(min_shape=(1, 3, 224, 224), opt_shape=(self.opt_batch, 3, 224, 224),
                          max_shape=(self.max_batch, 3, 224, 224), dtype=torch.float32)
         compile_fn = trt.dynamo.compile
         params = _signature_params(compile_fn)
-        kwargs = compile_kwargs(params, self.precision, self.device, self.fp16_mode, self.optimization_level,
-                                self.workspace_size, self.tf32)
         inputs_kw = "arg_inputs" if "arg_inputs" in params else "inputs"
-        try:
-            compiled = compile_fn(exported, **{inputs_kw: [spec]}, **kwargs)
-        except Exception as exc:  # noqa: BLE001
-            raise BackendError(f"tensorrt backend: building the engine failed: {type(exc).__name__}: {exc}") from exc
+        # fp32 accumulation: as asked, or ("auto", fp16) only when the fp16-accumulating engine is refused
+        attempts = [self.fp32_acc == "on"]
+        if self.fp32_acc == "auto" and self.precision == "fp16" and "use_fp32_acc" in params:
+            attempts.append(True)
+        for attempt, fp32_acc in enumerate(attempts):
+            kwargs = compile_kwargs(params, self.precision, self.device, self.fp16_mode, self.optimization_level,
+                                    self.workspace_size, self.tf32, fp32_acc)
+            with torch.no_grad():  # a fresh program each attempt: compile lowers the one it is given
+                exported = torch.export.export(module, (example,), dynamic_shapes=dynamic, strict=False)
+            try:
+                compiled = compile_fn(exported, **{inputs_kw: [spec]}, **kwargs)
+            except Exception as exc:  # noqa: BLE001
+                raise BackendError(f"tensorrt backend: building the engine failed: {type(exc).__name__}: {exc}") from exc
+            try:
+                cosine = self._validate(compiled)  # raises BackendError: nothing is cached
+                break
+            except BackendError as exc:
+                if attempt + 1 == len(attempts):
+                    raise
+                log.warning("%s; rebuilding with fp32 accumulation (use_fp32_acc)", exc)
         compile_seconds = time.perf_counter() - start
-        cosine = self._validate(compiled)  # raises BackendError: nothing is cached
         path = directory / ENGINE_FILE
         trt.save(compiled, str(path), **save_kwargs(_signature_params(trt.save), example, dynamic))
         self._built_module = compiled
-        log.info("tensorrt engine built in %.0f s, cosine %.6f to fp32 torch: %s", compile_seconds, cosine, path)
+        log.info("tensorrt engine built in %.0f s%s, cosine %.6f to fp32 torch: %s", compile_seconds,
+                 " with fp32 accumulation" if fp32_acc and self.precision == "fp16" else "", cosine, path)
         return {"files": [ENGINE_FILE], "validation": {"cosine": cosine},
+                "fp32_acc_used": bool(fp32_acc and self.precision == "fp16"),
                 "compile_seconds": round(compile_seconds, 1)}
 
     def run_pixels(self, pixels):
