@@ -354,6 +354,17 @@ def test_encoder_uses_backends(tiny):
     assert cosine(features, tiny.forward_feature(np.stack(frames))) >= 0.9999
 
 
+def test_options_go_to_the_backend_that_takes_them(tiny, tmp_path):
+    # one option set (as the encoder node passes it) serves every backend; a typo is an error
+    options = {"cache_dir": tmp_path / "engines", "fp32_acc": "auto", "threads": 1}
+    torch_backend = create_backend("torch", tiny, **options)
+    assert torch_backend.name == "torch" and not (tmp_path / "engines").exists()
+    with pytest.raises(BackendError, match="unknown backend option.*cachedir"):
+        create_backend("torch", tiny, cachedir=tmp_path)
+    with pytest.raises(BackendError, match="unknown backend 'tensorrtt'"):
+        create_backend("tensorrtt", tiny)
+
+
 # ---------------------------------------------------------------------------------- tensorrt (pure logic)
 
 def test_tensorrt_batch_profile_and_key(tiny):

@@ -195,12 +195,17 @@ def test_lifecycle_transitions_and_failed_configure(ros_client, tmp_path):
         assert not transition(Transition.TRANSITION_CONFIGURE)  # missing checkpoint: refused, node alive
         assert state() == State.PRIMARY_STATE_UNCONFIGURED and node.alive()
         assert "configure failed" in node.output() and "missing_checkpoint" in node.output()
-    with start_encoder(tmp_path, autostart=False) as node:
+    engines = tmp_path / "engines"
+    with start_encoder(tmp_path, autostart=False, backend="onnxruntime", engine_cache_dir=str(engines)) as node:
         assert change.wait_for_service(timeout_sec=60), node.output()
         assert state() == State.PRIMARY_STATE_UNCONFIGURED
         assert pub.get_subscription_count() == 0  # nothing subscribed before activation
         assert transition(Transition.TRANSITION_CONFIGURE)
         assert state() == State.PRIMARY_STATE_INACTIVE
+        # the engine is built into engine_cache_dir, and the build is told in the node's own log
+        slots = list(engines.glob("onnxruntime/*/"))
+        assert len(slots) == 1 and list(slots[0].glob("*.onnx")), node.output()
+        assert "onnxruntime engine built in" in node.output() and f"engine {slots[0]}" in node.output()
         assert transition(Transition.TRANSITION_ACTIVATE)
         assert ros_client.wait_for_subscribers(pub, timeout=20)
         pub.publish(image_msg(frame(5), 1_000_000_000))
@@ -214,6 +219,8 @@ def test_lifecycle_transitions_and_failed_configure(ros_client, tmp_path):
         assert state() == State.PRIMARY_STATE_UNCONFIGURED
         assert "model released" in node.output()
         assert transition(Transition.TRANSITION_CONFIGURE) and transition(Transition.TRANSITION_ACTIVATE)
+        assert "onnxruntime graph loaded from cache" in node.output()  # configured again: not rebuilt
+        assert node.output().count("onnxruntime engine built in") == 1
         assert ros_client.wait_for_subscribers(pub, timeout=20)
         pub.publish(image_msg(frame(7), 3_000_000_000))
         assert wait_until(lambda: len(feats) == 2, 20), node.output()

@@ -42,12 +42,23 @@ def test_every_parameter_has_a_description(declared):
         assert not missing, f"{node}: parameters without a description: {missing}"
 
 
+def ros_parameter_names(params, prefix=""):
+    """Parameter names as ROS reads a params file: nested mappings are joined with dots."""
+    names = set()
+    for key, value in params.items():
+        if isinstance(value, dict):
+            names |= ros_parameter_names(value, f"{prefix}{key}.")
+        else:
+            names.add(f"{prefix}{key}")
+    return names
+
+
 @pytest.mark.parametrize("config", sorted((ROOT / "config").glob("*.yaml")), ids=lambda p: p.name)
 def test_config_yaml_uses_only_declared_parameters(config, declared):
     data = yaml.safe_load(config.read_text())
     for node, section in data.items():
         assert node in declared, f"{config.name}: no node named {node}"
-        unknown = set(section["ros__parameters"]) - set(declared[node])
+        unknown = ros_parameter_names(section["ros__parameters"]) - set(declared[node])
         assert not unknown, f"{config.name}: {node} does not declare {sorted(unknown)}"
 
 

@@ -24,7 +24,7 @@ from theia_ros.feature_image import tokens_to_rgb
 from theia_ros.features import to_features_msg
 from theia_ros.msg import Features, MultiCameraFeatures
 from theia_ros.preprocess import SUPPORTED_ENCODINGS, ImageDecodeError, PreprocessConfig, decode_compressed, image_to_rgb
-from theia_ros.node_main import declare, run_node
+from theia_ros.node_main import declare, forward_python_logging, run_node
 from theia_ros.stats import LogThrottle, SequenceGapCounter, StageStats
 from theia_ros.sync import FrameSynchronizer
 
@@ -65,6 +65,7 @@ class TheiaEncoderNode(LifecycleNode):
         self.node_stats = StageStats(("batch",), ("batches", "errors"), ())
         self._process_guard = None
         self._throttle = LogThrottle(period=2.0)
+        forward_python_logging(self, "theia_ros.backends")  # engine builds, cache hits and rebuilds
         if self.get_parameter("torch_threads").value > 0:
             import torch
 
@@ -90,6 +91,12 @@ class TheiaEncoderNode(LifecycleNode):
         d("precision", "fp32", "Inference precision.", choices=("fp32", "fp16", "bf16"))
         d("device", "auto", "Device: auto (a CUDA GPU if present, else the CPU), cpu, cuda, cuda:1, ...")
         d("max_batch", 4, "Largest batch one inference takes.", int_range=(1, 64))
+        d("engine_cache_dir", "",
+          "Where built TensorRT engines and ONNX graphs are kept and reused; empty: $THEIA_ROS_CACHE, else "
+          "~/.cache/theia_ros/engines. Use a persistent path: a TensorRT build takes minutes.")
+        d("tensorrt.fp32_acc", "auto",
+          "TensorRT fp16 only: accumulate matmuls in fp32 (slower). auto: only when the fp16 engine fails the "
+          "accuracy gate.", choices=("auto", "on", "off"))
         d("representation", "tokens",
           "What to publish: tokens [196,C], cls [C], mean [C], max [C], all_tokens [197,C], spatial [C,14,14], "
           "or teacher:<teacher id> [H*W,C_teacher].")
@@ -135,7 +142,8 @@ class TheiaEncoderNode(LifecycleNode):
             self.encoder = FeatureEncoder.load(
                 model, seed=self._param("seed"), backend=self._param("backend"), precision=self._param("precision"),
                 device=self._param("device"), max_batch=self._param("max_batch"),
-                representation=self._param("representation"), output_dtype=self._param("output_dtype"))
+                representation=self._param("representation"), output_dtype=self._param("output_dtype"),
+                cache_dir=self._param("engine_cache_dir") or None, fp32_acc=self._param("tensorrt.fp32_acc"))
             self.encoder.warm_up()
             names = list(self._param("cameras"))
             if not names or len(set(names)) != len(names):
@@ -153,7 +161,8 @@ class TheiaEncoderNode(LifecycleNode):
         identity = self.encoder.backend.identity
         msg = (f"configured in {time.monotonic() - t0:.1f} s: {self.encoder.model.variant} "
                f"({meta['weights_id']}), backend {identity['backend']} {identity['precision']} on {identity['device']}, "
-               f"representation {meta['representation']}, cameras {', '.join(self.cameras)}, mode {self.mode}")
+               f"representation {meta['representation']}, cameras {', '.join(self.cameras)}, mode {self.mode}"
+               + (f", engine {identity['engine']}" if identity.get("engine") else ""))
         if meta["random_weights"]:
             self.get_logger().warning(f"{self._random_tag()}{msg}. RANDOM WEIGHTS: the features mean nothing; "
                                       "every message carries random_weights=true")

@@ -1,5 +1,6 @@
 """What every theia_ros node executable shares: parameter declaration and the main() lifecycle."""
 import faulthandler
+import logging
 import sys
 
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
@@ -14,6 +15,38 @@ def declare(node, name, default, description, *, int_range=None, float_range=Non
         descriptor.floating_point_range = [FloatingPointRange(from_value=float(float_range[0]),
                                                               to_value=float(float_range[1]), step=0.0)]
     return node.declare_parameter(name, default, descriptor)
+
+
+class RosLogHandler(logging.Handler):
+    """Sends the plain-Python core's log records (e.g. "building tensorrt engine ... takes minutes")
+    to a node's ROS logger, so they reach the console and /rosout like the node's own lines."""
+
+    def __init__(self, ros_logger, level=logging.INFO):
+        super().__init__(level)
+        self.ros_logger = ros_logger
+
+    def emit(self, record):
+        try:
+            text = self.format(record)
+            if record.levelno >= logging.ERROR:
+                self.ros_logger.error(text)
+            elif record.levelno >= logging.WARNING:
+                self.ros_logger.warning(text)
+            else:
+                self.ros_logger.info(text)
+        except Exception:  # noqa: BLE001  (logging must never take the node down)
+            self.handleError(record)
+
+
+def forward_python_logging(node, name, level=logging.INFO):
+    """Route Python logger `name` (and its children) to `node`'s ROS logger, and only there."""
+    logger = logging.getLogger(name)
+    for handler in [h for h in logger.handlers if isinstance(h, RosLogHandler)]:
+        logger.removeHandler(handler)
+    logger.addHandler(RosLogHandler(node.get_logger(), level))
+    logger.setLevel(level)
+    logger.propagate = False  # not twice (Python's last-resort stderr handler)
+    return logger
 
 
 def run_node(node_class, argv=None, *, on_start=None, spin=None, on_exit=None):

@@ -69,13 +69,9 @@ def plan(device, precision, caps):
 
 
 def _backend_class(name):
-    if name == "torch":
-        from theia_ros.backends.torch_backend import TorchBackend as cls
-    elif name == "onnxruntime":
-        from theia_ros.backends.onnxruntime_backend import OnnxRuntimeBackend as cls
-    else:
-        from theia_ros.backends.tensorrt_backend import TensorRTBackend as cls
-    return cls
+    from theia_ros.backends.base import backend_classes
+
+    return backend_classes()[name]
 
 
 def _options_for(cls, options):

@@ -4,6 +4,7 @@ A backend is built (or loaded from its cache) once, then `run()` maps a batch of
 to features. It reports its precision, device and an identity that names everything its output
 depends on.
 """
+import inspect
 from abc import ABC, abstractmethod
 
 import torch
@@ -85,24 +86,31 @@ def create_backend(name, model, representation="tokens", precision="fp32", devic
     * "onnxruntime": ONNX Runtime on the CPU (fp32), ONNX graph exported once and cached;
     * "tensorrt": Torch-TensorRT engine on CUDA (fp32, fp16, bf16), built once and cached;
     * "auto": the fastest of those that run here at ``precision`` (see backends.auto).
-    Options are passed to the backend (e.g. cache_dir, rebuild, threads, compile).
+    Options are passed to the backend that takes them (e.g. cache_dir, rebuild, threads, compile,
+    fp32_acc), so one set of options serves whichever backend is chosen; an option no backend takes
+    is an error.
     """
+    if name not in BACKENDS:
+        raise BackendError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
+    classes = backend_classes()
+    accepted = {n: set(inspect.signature(cls.__init__).parameters) for n, cls in classes.items()}
+    unknown = set(options) - set().union(*accepted.values())
+    if unknown:
+        raise BackendError(f"unknown backend option(s) {', '.join(sorted(unknown))}")
     if name != "auto" and device in (None, "", "auto"):  # auto picks its own; the others need a device
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "torch":
-        from theia_ros.backends.torch_backend import TorchBackend
-
-        return TorchBackend(model, representation, precision, device, max_batch, **options)
-    if name == "onnxruntime":
-        from theia_ros.backends.onnxruntime_backend import OnnxRuntimeBackend
-
-        return OnnxRuntimeBackend(model, representation, precision, device, max_batch, **options)
-    if name == "tensorrt":
-        from theia_ros.backends.tensorrt_backend import TensorRTBackend
-
-        return TensorRTBackend(model, representation, precision, device, max_batch, **options)
     if name == "auto":
         from theia_ros.backends.auto import create_auto_backend
 
         return create_auto_backend(model, representation, precision, device, max_batch, **options)
-    raise BackendError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
+    kept = {k: v for k, v in options.items() if k in accepted[name]}
+    return classes[name](model, representation, precision, device, max_batch, **kept)
+
+
+def backend_classes() -> dict:
+    """The concrete backend classes by name (imported here: each module imports torch only)."""
+    from theia_ros.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from theia_ros.backends.tensorrt_backend import TensorRTBackend
+    from theia_ros.backends.torch_backend import TorchBackend
+
+    return {"torch": TorchBackend, "onnxruntime": OnnxRuntimeBackend, "tensorrt": TensorRTBackend}
