@@ -25,7 +25,7 @@ OUT=${OUT:-}
 export THEIA_ROS_CACHE=${THEIA_ROS_CACHE:-$(mktemp -d "${HOME:-/root}/.theia_gpu_check.XXXXXX")}
 TINY=random:theia-tiny-patch16-224-cddsv
 BASE=random:theia-base-patch16-224-cddsv
-LOG=${OUT:+$OUT/}gpu_check.log
+LOG=${OUT:-$THEIA_ROS_CACHE}/gpu_check.log   # kept with the results, not in the work tree
 : > "$LOG"
 
 say() { echo "== $*" | tee -a "$LOG"; }
