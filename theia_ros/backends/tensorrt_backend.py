@@ -100,10 +100,6 @@ def engine_key(model, representation, precision, max_batch, opt_batch, fp16_mode
     }
 
 
-def _accepts(params, name):
-    return name in params
-
-
 def compile_kwargs(params, precision: str, device, fp16_mode: str = "explicit", optimization_level=None,
                    workspace_size=None, tf32=False, fp32_acc=False) -> dict:
     """Keyword arguments for torch_tensorrt.dynamo.compile, restricted to the ones its signature
