@@ -405,6 +405,9 @@ def test_recorded_signatures_cover_the_versions_we_document():
     assert "dynamic_shapes" not in TRT_SIGNATURES["2.8.0"]["save"]
 
 
+_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 @pytest.mark.parametrize("version", sorted(TRT_SIGNATURES))
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_tensorrt_compile_arguments_exist_in_each_release(version, precision):
@@ -431,9 +434,6 @@ def test_tensorrt_compile_arguments_exist_in_each_release(version, precision):
     else:
         with pytest.raises(BackendError, match="autocast"):
             compile_kwargs(params, precision, "cuda:0", fp16_mode="autocast")
-
-
-_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @pytest.mark.parametrize("version", sorted(TRT_SIGNATURES))

@@ -461,9 +461,9 @@ def _listing(names: Sequence[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-def check_checkpoint_shapes(expected: Mapping[str, Tuple[int, ...]], found: Mapping[str, Tuple[int, ...]],
-                            where: str = "checkpoint") -> None:
-    """Strict comparison of key -> shape maps; CheckpointError naming every missing, unexpected or mis-shaped key."""
+def shape_mismatches(expected: Mapping[str, Sequence[int]], found: Mapping[str, Sequence[int]]) -> List[str]:
+    """Strict comparison of key -> shape maps: one line each for the missing, unexpected and
+    mis-shaped keys (naming them); empty when the maps agree."""
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     misshaped = [f"{k} (checkpoint {'x'.join(map(str, found[k])) or 'scalar'}, "
@@ -476,6 +476,13 @@ def check_checkpoint_shapes(expected: Mapping[str, Tuple[int, ...]], found: Mapp
         problems.append(f"{len(unexpected)} unexpected key(s): {_listing(unexpected)}")
     if misshaped:
         problems.append(f"{len(misshaped)} mis-shaped key(s): {_listing(misshaped)}")
+    return problems
+
+
+def check_checkpoint_shapes(expected: Mapping[str, Tuple[int, ...]], found: Mapping[str, Tuple[int, ...]],
+                            where: str = "checkpoint") -> None:
+    """CheckpointError naming every missing, unexpected or mis-shaped key of a Theia checkpoint."""
+    problems = shape_mismatches(expected, found)
     if problems:
         raise CheckpointError(f"{where} does not match the expected Theia layout: " + "; ".join(problems))
 

@@ -17,12 +17,11 @@ bf16 -> bf16; asking fp16 on a CPU gives fp32.
 """
 from __future__ import annotations
 
-import inspect
 import logging
 
 import torch
 
-from theia_ros.backends.base import BackendError
+from theia_ros.backends.base import BackendError, backend_classes, options_for
 
 log = logging.getLogger("theia_ros.backends")
 
@@ -68,25 +67,15 @@ def plan(device, precision, caps):
     return fp32
 
 
-def _backend_class(name):
-    from theia_ros.backends.base import backend_classes
-
-    return backend_classes()[name]
-
-
-def _options_for(cls, options):
-    accepted = set(inspect.signature(cls.__init__).parameters)
-    return {k: v for k, v in options.items() if k in accepted}
-
-
 def create_auto_backend(model, representation="tokens", precision="fp32", device="auto", max_batch=4, **options):
     caps = _capabilities()
     candidates = plan(device, precision, caps)
+    classes = backend_classes()
     failures = []
     for name, prec, dev, why in candidates:
-        cls = _backend_class(name)
+        cls = classes[name]
         try:
-            backend = cls(model, representation, prec, dev, max_batch, **_options_for(cls, options))
+            backend = cls(model, representation, prec, dev, max_batch, **options_for(cls, options))
         except BackendError as exc:
             failures.append(f"{name} {prec} on {dev}: {exc}")
             log.warning("auto backend: %s %s on %s not usable (%s); trying the next", name, prec, dev, exc)

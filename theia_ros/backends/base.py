@@ -93,8 +93,7 @@ def create_backend(name, model, representation="tokens", precision="fp32", devic
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
     classes = backend_classes()
-    accepted = {n: set(inspect.signature(cls.__init__).parameters) for n, cls in classes.items()}
-    unknown = set(options) - set().union(*accepted.values())
+    unknown = set(options).difference(*(_accepted(cls) for cls in classes.values()))
     if unknown:
         raise BackendError(f"unknown backend option(s) {', '.join(sorted(unknown))}")
     if name != "auto" and device in (None, "", "auto"):  # auto picks its own; the others need a device
@@ -103,8 +102,17 @@ def create_backend(name, model, representation="tokens", precision="fp32", devic
         from theia_ros.backends.auto import create_auto_backend
 
         return create_auto_backend(model, representation, precision, device, max_batch, **options)
-    kept = {k: v for k, v in options.items() if k in accepted[name]}
-    return classes[name](model, representation, precision, device, max_batch, **kept)
+    return classes[name](model, representation, precision, device, max_batch, **options_for(classes[name], options))
+
+
+def _accepted(cls) -> set:
+    return set(inspect.signature(cls.__init__).parameters)
+
+
+def options_for(cls, options: dict) -> dict:
+    """The options backend class `cls` takes (one option set serves whichever backend is chosen)."""
+    accepted = _accepted(cls)
+    return {k: v for k, v in options.items() if k in accepted}
 
 
 def backend_classes() -> dict:

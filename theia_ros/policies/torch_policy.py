@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..model import shape_mismatches
 from .base import CheckpointError, Observation, Policy, PolicyConfigError, PolicyError
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "elu": nn.ELU,
@@ -183,19 +184,9 @@ class TorchPolicy(Policy):
 
     def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
         own = self.module.state_dict()
-        missing = sorted(set(own) - set(tensors))
-        unexpected = sorted(set(tensors) - set(own))
-        wrong = [f"{k}: checkpoint {tuple(tensors[k].shape)} vs policy {tuple(own[k].shape)}"
-                 for k in sorted(set(own) & set(tensors)) if tuple(tensors[k].shape) != tuple(own[k].shape)]
-        if missing or unexpected or wrong:
-            parts = []
-            if missing:
-                parts.append(f"missing {missing[:10]}{' ...' if len(missing) > 10 else ''}")
-            if unexpected:
-                parts.append(f"unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
-            if wrong:
-                parts.append(f"shape mismatch {wrong[:10]}")
-            raise CheckpointError(f"weights do not fit {self._label()} with this config: " + "; ".join(parts))
+        problems = shape_mismatches({k: v.shape for k, v in own.items()}, {k: v.shape for k, v in tensors.items()})
+        if problems:
+            raise CheckpointError(f"weights do not fit {self._label()} with this config: " + "; ".join(problems))
         bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
             raise CheckpointError(f"weights contain non-finite values in {bad[:10]}")
