@@ -28,11 +28,11 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "theia-ros = theia_ros.cli:main",
-            "theia_encoder = theia_ros.encoder_node:main",
-            "theia_policy = theia_ros.policy_node:main",
-            "synthetic_camera = theia_ros.synthetic_camera_node:main",
-            "theia_sim = theia_ros.sim_node:main",
+            "theia-ros = theia_ros.cli.main:main",
+            "theia_encoder = theia_ros.nodes.theia_encoder:main",
+            "theia_policy = theia_ros.nodes.theia_policy:main",
+            "synthetic_camera = theia_ros.nodes.synthetic_camera:main",
+            "theia_sim = theia_ros.nodes.theia_sim:main",
         ],
         "theia_ros.policies": [
             "hold = theia_ros.policies.hold:HoldPolicy",

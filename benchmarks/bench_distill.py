@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from theia_ros.distill import teachers as T  # noqa: E402
 from theia_ros.distill.student import StudentForward, build_student, distill_loss  # noqa: E402
-from theia_ros.model import TEACHER_FEATURE_SIZES  # noqa: E402
+from theia_ros.encoder.model import TEACHER_FEATURE_SIZES  # noqa: E402
 from theia_ros.preprocess import to_model_input  # noqa: E402
 
 

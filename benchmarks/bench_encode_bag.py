@@ -34,7 +34,7 @@ def make_bag(path, frames, storage):
     import cv2
     from rosbags.rosbag2 import StoragePlugin, Writer
 
-    from theia_ros.bags import COMPRESSED_IMAGE_TYPE, IMAGE_TYPE, typestore
+    from theia_ros.bags.io import COMPRESSED_IMAGE_TYPE, IMAGE_TYPE, typestore
 
     store = typestore()
     T = store.types
@@ -71,7 +71,7 @@ def make_bag(path, frames, storage):
             ok, buf = cv2.imencode(".jpg", img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
             msg = T[COMPRESSED_IMAGE_TYPE](header=h, format="jpeg", data=buf.reshape(-1))
             w.write(c_jpg, t, store.serialize_cdr(msg, COMPRESSED_IMAGE_TYPE))
-            from theia_ros.preprocess import decode_compressed
+            from theia_ros.images import decode_compressed
 
             decoded.append(decode_compressed(buf, "jpeg"))
     w.close()
@@ -91,7 +91,7 @@ def main(argv=None):
 
     import torch
 
-    from theia_ros.bags import encode_bag, load_encoder
+    from theia_ros.bags.encode import encode_bag, load_encoder
 
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench_encode_bag_"))

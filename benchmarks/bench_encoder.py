@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from theia_ros.model import load_model  # noqa: E402
+from theia_ros.encoder.model import load_model  # noqa: E402
 from theia_ros.preprocess import to_model_input  # noqa: E402
 
 PREPROCESS_BUDGET_MS = 0.5

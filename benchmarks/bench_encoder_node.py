@@ -27,13 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "test"))
 os.environ.setdefault("ROS_DOMAIN_ID", str(os.getpid() % 100 + 1))
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 
-from theia_ros.ros_env import use_package_fastdds_profile  # noqa: E402
+from theia_ros.nodes.environment import use_package_fastdds_profile  # noqa: E402
 
 use_package_fastdds_profile()
 
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from ros_helpers import NodeProcess, RosTestClient, wait_until  # noqa: E402
-from theia_ros.bringup import dump_params  # noqa: E402
+from theia_ros.nodes.graph import dump_params  # noqa: E402
 from theia_ros.msg import Features  # noqa: E402
 
 
@@ -55,10 +55,10 @@ def run_case(client, cameras, rate, seconds, threads, workdir):
     path.write_text(dump_params(params))
     received = {c: client.collect(Features, f"{c}/features")[0] for c in cameras}
     diags, _ = client.collect(DiagnosticArray, "/diagnostics")
-    with NodeProcess("theia_ros.encoder_node", "--ros-args", "--params-file", path) as encoder:
+    with NodeProcess("theia_ros.nodes.theia_encoder", "--ros-args", "--params-file", path) as encoder:
         if not wait_until(lambda: "active" in encoder.output(), 120):
             raise RuntimeError(encoder.output())
-        with NodeProcess("theia_ros.synthetic_camera_node", "--ros-args", "--params-file", path):
+        with NodeProcess("theia_ros.nodes.synthetic_camera", "--ros-args", "--params-file", path):
             wait_until(lambda: all(received.values()), 30)
             time.sleep(2.0)  # settle
             for r in received.values():

@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 os.environ.setdefault("ROS_DOMAIN_ID", str(os.getpid() % 100 + 101))
 
-from theia_ros.bringup import NODE_MODULES, dump_params  # noqa: E402
-from theia_ros.ros_env import child_environment, use_package_fastdds_profile  # noqa: E402
+from theia_ros.nodes.graph import NODE_MODULES, dump_params  # noqa: E402
+from theia_ros.nodes.environment import child_environment, use_package_fastdds_profile  # noqa: E402
 
 ARM = [f"panda_joint{i}" for i in range(1, 8)]
 LOWER = [-2.8973, -1.7628, -2.8973, -3.0718, -2.8973, -1.6573, -2.8973]

@@ -13,7 +13,7 @@ os.environ["PYTHONUNBUFFERED"] = "1"
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from theia_ros.ros_env import use_package_fastdds_profile  # noqa: E402
+from theia_ros.nodes.environment import use_package_fastdds_profile  # noqa: E402
 
 use_package_fastdds_profile()
 

@@ -11,7 +11,7 @@ from std_msgs.msg import String
 
 from theia_ros.features import FeaturesFormatError, features_to_numpy, to_features_msg
 from theia_ros.msg import Features
-from theia_ros.ros_env import use_package_fastdds_profile
+from theia_ros.nodes.environment import use_package_fastdds_profile
 
 
 class FeaturesRelay(Node):

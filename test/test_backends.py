@@ -65,7 +65,7 @@ def engine_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny():
-    from theia_ros.model import load_model
+    from theia_ros.encoder.model import load_model
 
     return load_model(TINY)
 
@@ -345,7 +345,7 @@ def test_auto_on_this_machine(tiny):
 
 @needs_ort
 def test_encoder_uses_backends(tiny):
-    from theia_ros.encoder import FeatureEncoder
+    from theia_ros.encoder.pipeline import FeatureEncoder
 
     encoder = FeatureEncoder.load(TINY, backend="onnxruntime", max_batch=2, threads=2)
     frames = [np.full((48, 64, 3), v, np.uint8) for v in (0, 80, 160)]
@@ -558,7 +558,7 @@ def test_tensorrt_corrupt_engine_is_rebuilt(tiny, caplog):
 # ---------------------------------------------------------------------------------- CLI
 
 def test_cli_registers_export_and_bench():
-    from theia_ros.cli import build_parser
+    from theia_ros.cli.main import build_parser
 
     parser = build_parser()
     args = parser.parse_args(["export", TINY, "--backend", "onnxruntime", "--max-batch", "2"])

@@ -11,13 +11,15 @@ import torch
 import yaml
 from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 
-from theia_ros import bags
-from theia_ros.cli import main
-from theia_ros.preprocess import decode_compressed
+from theia_ros.bags import io as bag_io
+from theia_ros.bags.encode import load_encoder
+from theia_ros.stamps import stamp_ns
+from theia_ros.cli.main import main
+from theia_ros.images import decode_compressed
 
 RANDOM_TINY = "random:theia-tiny-patch16-224-cddsv"
 ENCODE = ["--model", RANDOM_TINY, "--seed", "3", "--batch", "4", "--threads", "1", "--no-progress"]
-IMAGE, COMPRESSED = bags.IMAGE_TYPE, bags.COMPRESSED_IMAGE_TYPE
+IMAGE, COMPRESSED = bag_io.IMAGE_TYPE, bag_io.COMPRESSED_IMAGE_TYPE
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +32,7 @@ def _restore_torch_threads():
 @pytest.fixture(scope="module")
 def encoder():
     # the same cached instance encode-bag uses for these arguments (the model is built once)
-    return bags.load_encoder(RANDOM_TINY, seed=3, max_batch=4)
+    return load_encoder(RANDOM_TINY, seed=3, max_batch=4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -38,13 +40,13 @@ def encoder():
 
 
 def _types():
-    t = bags.typestore().types
+    t = bag_io.typestore().types
     return {k.rsplit("/", 1)[-1]: v for k, v in t.items()
             if k in ("builtin_interfaces/msg/Time", "std_msgs/msg/Header", IMAGE, COMPRESSED,
                      "sensor_msgs/msg/JointState", "std_msgs/msg/String", "std_msgs/msg/Float64MultiArray",
                      "std_msgs/msg/MultiArrayLayout", "trajectory_msgs/msg/JointTrajectory",
                      "trajectory_msgs/msg/JointTrajectoryPoint", "builtin_interfaces/msg/Duration",
-                     bags.FEATURES_TYPE)}
+                     bag_io.FEATURES_TYPE)}
 
 
 T = _types()
@@ -55,7 +57,7 @@ def header(t_ns, frame_id="cam"):
 
 
 def ser(msg, typename):
-    return bytes(bags.typestore().serialize_cdr(msg, typename))
+    return bytes(bag_io.typestore().serialize_cdr(msg, typename))
 
 
 def image_cdr(rgb, t_ns, frame_id="front_optical", truncate=False):
@@ -100,10 +102,10 @@ def frame(seed, h=48, w=64):
 def make_camera_bag(path, storage, n=6):
     """Raw rgb8 front camera, jpeg wrist camera, joint states, a String topic; one truncated raw frame."""
     w = open_writer(path, storage)
-    c_front = w.add_connection("/front/image_raw", IMAGE, typestore=bags.typestore())
-    c_wrist = w.add_connection("/wrist/image_raw/compressed", COMPRESSED, typestore=bags.typestore())
-    c_js = w.add_connection("/joint_states", "sensor_msgs/msg/JointState", typestore=bags.typestore())
-    c_s = w.add_connection("/note", "std_msgs/msg/String", typestore=bags.typestore())
+    c_front = w.add_connection("/front/image_raw", IMAGE, typestore=bag_io.typestore())
+    c_wrist = w.add_connection("/wrist/image_raw/compressed", COMPRESSED, typestore=bag_io.typestore())
+    c_js = w.add_connection("/joint_states", "sensor_msgs/msg/JointState", typestore=bag_io.typestore())
+    c_s = w.add_connection("/note", "std_msgs/msg/String", typestore=bag_io.typestore())
     expect = {"front": [], "wrist": [], "copied": {"/joint_states": [], "/note": []}}
     for i in range(n):
         t = 5_000_000_000 + i * 100_000_000
@@ -141,17 +143,17 @@ def test_encode_bag_matches_the_encoder_and_copies_other_topics(tmp_path, capsys
 
     msgs, conns, meta = read_bag(out)
     assert meta["version"] == 9 and meta["storage_identifier"] == out_storage
-    assert conns["/front/features"].msgtype == bags.FEATURES_TYPE
+    assert conns["/front/features"].msgtype == bag_io.FEATURES_TYPE
     assert conns["/front/features"].digest == "RIHS01_799f6c33f15fbbbf14e6dbb692e114f84655f0ead515a84b58df7bc909545ad8"
-    info = json.loads(meta["custom_data"][bags.CUSTOM_DATA_KEY])
+    info = json.loads(meta["custom_data"][bag_io.CUSTOM_DATA_KEY])
     assert info["complete"] and info["random_weights"] and info["frames"] == 11 and info["bad_frames"] == 1
     for cam in ("front", "wrist"):
         got = msgs[f"/{cam}/features"]
         assert [ts for ts, _ in got] == [ts for ts, _, _ in expect[cam]]  # receive times = the images'
         want, _ = encoder.encode([rgb for _, _, rgb in expect[cam]])
         for (_, raw), (_, stamp, _), ref in zip(got, expect[cam], want):
-            m = bags.deserialize(raw, bags.FEATURES_TYPE)
-            assert bags.stamp_ns(m.header.stamp) == stamp
+            m = bag_io.deserialize(raw, bag_io.FEATURES_TYPE)
+            assert stamp_ns(m.header.stamp) == stamp
             assert m.header.frame_id == f"{cam}_optical" and m.camera == cam
             assert m.random_weights and m.weights_id == f"{RANDOM_TINY}:seed=3" and m.model_id == RANDOM_TINY
             assert m.representation == "tokens" and list(m.shape) == [196, 192]
@@ -166,7 +168,7 @@ def test_encode_bag_matches_the_encoder_and_copies_other_topics(tmp_path, capsys
     for needle in ("/front/features", "/wrist/features", "/joint_states", "/note", "196x192", "float32",
                    RANDOM_TINY, f"{RANDOM_TINY}:seed=3", "RANDOM WEIGHTS", "tokens", "complete: True"):
         assert needle in text, (needle, text)
-    assert any(line.split()[:3] == ["/front/features", bags.FEATURES_TYPE, "5"] for line in text.splitlines())
+    assert any(line.split()[:3] == ["/front/features", bag_io.FEATURES_TYPE, "5"] for line in text.splitlines())
     assert any(line.split()[:4] == ["/note", "std_msgs/msg/String", "6", "10.00"] for line in text.splitlines())
 
 
@@ -196,7 +198,7 @@ def test_no_copy_camera_choice_and_overwrite_refusal(tmp_path, capsys, encoder):
     assert sorted(msgs) == ["/wrist/theia"] and len(msgs["/wrist/theia"]) == 3
     assert meta["version"] == 8  # pre-Jazzy metadata: QoS profiles as a YAML string (see docs/bags.md)
     assert all(isinstance(t["topic_metadata"]["offered_qos_profiles"], str) for t in meta["topics_with_message_count"])
-    m = bags.deserialize(msgs["/wrist/theia"][0][1], bags.FEATURES_TYPE)
+    m = bag_io.deserialize(msgs["/wrist/theia"][0][1], bag_io.FEATURES_TYPE)
     assert _array(m).dtype == np.float16 and m.camera == "wrist"
     assert main(args) == 1  # exists now
     assert "--overwrite" in capsys.readouterr().err
@@ -210,8 +212,8 @@ def test_no_copy_camera_choice_and_overwrite_refusal(tmp_path, capsys, encoder):
 def test_truncated_input_gives_a_clear_error_and_a_readable_partial_output(tmp_path, capsys, encoder, storage):
     src, out = tmp_path / "in", tmp_path / "out"
     w = open_writer(src, storage)
-    c_img = w.add_connection("/front/image_raw", IMAGE, typestore=bags.typestore())
-    c_big = w.add_connection("/blob", "std_msgs/msg/String", typestore=bags.typestore())
+    c_img = w.add_connection("/front/image_raw", IMAGE, typestore=bag_io.typestore())
+    c_big = w.add_connection("/blob", "std_msgs/msg/String", typestore=bag_io.typestore())
     for i in range(12):  # ~3 MB: several MCAP chunks and sqlite pages
         t = 10**9 + i * 10**8
         w.write(c_img, t, image_cdr(frame(i, 24, 32), t))
@@ -227,7 +229,7 @@ def test_truncated_input_gives_a_clear_error_and_a_readable_partial_output(tmp_p
     n = len(msgs["/front/features"])
     assert 2 <= n < 12 and len(msgs["/blob"]) >= n - 1
     assert [ts for ts, _ in msgs["/front/features"]] == [10**9 + i * 10**8 for i in range(n)]
-    assert json.loads(meta["custom_data"][bags.CUSTOM_DATA_KEY])["complete"] is False
+    assert json.loads(meta["custom_data"][bag_io.CUSTOM_DATA_KEY])["complete"] is False
     assert main(["inspect", str(out)]) == 0
     assert "complete: False" in capsys.readouterr().out
 
@@ -250,7 +252,8 @@ def test_features_of_a_live_encoder_node_recorded_and_read_back(ros_client, tmp_
     from sensor_msgs.msg import Image
 
     from ros_helpers import NodeProcess
-    from theia_ros.bag_recorder import BagRecorder, RecorderNode
+    from theia_ros.bags.record import BagRecorder
+    from theia_ros.nodes.recorder import RecorderNode
     from theia_ros.msg import Features
 
     params = tmp_path / "encoder.yaml"
@@ -271,7 +274,7 @@ def test_features_of_a_live_encoder_node_recorded_and_read_back(ros_client, tmp_
         return pred()
 
     try:
-        with NodeProcess("theia_ros.encoder_node", "--ros-args", "--params-file", params) as node:
+        with NodeProcess("theia_ros.nodes.theia_encoder", "--ros-args", "--params-file", params) as node:
             assert ros_client.wait_for_subscribers(pub, timeout=60), node.output()
             assert spin_until(lambda: "/bagcam/features" in rec.subscriptions, 30), node.output()
             for i in range(4):
@@ -293,25 +296,25 @@ def test_features_of_a_live_encoder_node_recorded_and_read_back(ros_client, tmp_
     serialized = [serialize_message(m) for m in msgs]  # (Fast CDR leaves padding bytes unset: keep these)
     out = tmp_path / "features_bag"
     with BagRecorder(out, storage="mcap") as recorder:
-        recorder.add_topic("/bagcam/features", bags.FEATURES_TYPE)
+        recorder.add_topic("/bagcam/features", bag_io.FEATURES_TYPE)
         for m, raw in zip(msgs, serialized):
-            recorder.write("/bagcam/features", bags.stamp_ns(m.header.stamp), raw)
+            recorder.write("/bagcam/features", stamp_ns(m.header.stamp), raw)
     got, conns, _ = read_bag(out)
-    assert conns["/bagcam/features"].msgtype == bags.FEATURES_TYPE
+    assert conns["/bagcam/features"].msgtype == bag_io.FEATURES_TYPE
     assert [raw for _, raw in got["/bagcam/features"]] == serialized
     for (ts, raw), m in zip(got["/bagcam/features"], msgs):
-        assert ts == bags.stamp_ns(m.header.stamp)
-        _assert_same_features(bags.deserialize(raw, bags.FEATURES_TYPE), m)
+        assert ts == stamp_ns(m.header.stamp)
+        _assert_same_features(bag_io.deserialize(raw, bag_io.FEATURES_TYPE), m)
     live_msgs, _, meta = read_bag(tmp_path / "live")  # the recorder node's bag: the same messages
     assert meta["storage_identifier"] == "sqlite3" and len(live_msgs["/bagcam/features"]) == 4
     for (_, raw), m in zip(live_msgs["/bagcam/features"], msgs):
-        _assert_same_features(bags.deserialize(raw, bags.FEATURES_TYPE), m)
+        _assert_same_features(bag_io.deserialize(raw, bag_io.FEATURES_TYPE), m)
         assert deserialize_message(raw, Features) == m
 
 
 def _assert_same_features(b, m):
     """A rosbags-deserialized Features `b` equals the rclpy message `m`."""
-    assert bags.stamp_ns(b.header.stamp) == bags.stamp_ns(m.header.stamp)
+    assert stamp_ns(b.header.stamp) == stamp_ns(m.header.stamp)
     assert (b.header.frame_id, b.camera, b.model_id, b.weights_id, b.representation) == (
         m.header.frame_id, m.camera, m.model_id, m.weights_id, m.representation)
     assert b.random_weights and m.random_weights and b.dtype == m.dtype
@@ -329,16 +332,16 @@ def _features_cdr(t_ns, array, camera="front"):
     shape, code, data = encode_array(np.asarray(array, np.float32))
     return ser(T["Features"](header=header(t_ns, camera), camera=camera, model_id="fake", representation="tokens",
                              weights_id="fake:0", random_weights=False, shape=np.asarray(shape, np.uint32),
-                             dtype=code, data=np.frombuffer(data, np.uint8)), bags.FEATURES_TYPE)
+                             dtype=code, data=np.frombuffer(data, np.uint8)), bag_io.FEATURES_TYPE)
 
 
 def test_train_policy_aligns_actions_of_each_kind(tmp_path, capsys):
-    from theia_ros.bag_train import TrainError, build_dataset, read_bag as read_training_bag
+    from theia_ros.bags.train_policy import TrainError, build_dataset, read_bag as read_training_bag
 
     path = tmp_path / "feats"
     w = open_writer(path, "sqlite3")
-    store = bags.typestore()
-    cf = w.add_connection("/front/features", bags.FEATURES_TYPE, typestore=store)
+    store = bag_io.typestore()
+    cf = w.add_connection("/front/features", bag_io.FEATURES_TYPE, typestore=store)
     cj = w.add_connection("/joint_states", "sensor_msgs/msg/JointState", typestore=store)
     cc = w.add_connection("/cmd", "std_msgs/msg/Float64MultiArray", typestore=store)
     ct = w.add_connection("/traj", "trajectory_msgs/msg/JointTrajectory", typestore=store)
@@ -402,12 +405,12 @@ def test_train_policy_aligns_actions_of_each_kind(tmp_path, capsys):
 
 def test_train_policy_learns_where_the_bright_square_is(tmp_path, capsys, encoder):
     """Action = position of a bright square in the image; random encoder weights still keep where it is."""
-    from theia_ros.bag_train import train_policy
+    from theia_ros.bags.train_policy import train_policy
     from theia_ros.policies import make_policy
 
     src, feats, out = tmp_path / "frames", tmp_path / "features", tmp_path / "policy"
     w = open_writer(src, "mcap")
-    store = bags.typestore()
+    store = bag_io.typestore()
     ci = w.add_connection("/front/image_raw", IMAGE, typestore=store)
     ca = w.add_connection("/arm/command", "std_msgs/msg/Float64MultiArray", typestore=store)
     rng = np.random.default_rng(0)

@@ -18,15 +18,16 @@ import torch
 import torch.nn.functional as F
 from rosbags.rosbag2 import StoragePlugin, Writer
 
-from theia_ros import bags
-from theia_ros.cli import main
+from theia_ros.bags import io as bag_io
+from theia_ros.cli.main import main
 from theia_ros.distill import DistillConfig, distill
 from theia_ros.distill.cache import FeatureCache
 from theia_ros.distill.sources import BagSource, FolderSource, build_index, dataset_id, split_items
 from theia_ros.distill.student import STATS_FILE, distill_loss, load_feature_stats
 from theia_ros.distill.teachers import TEACHERS, build_teacher
 from theia_ros.distill.train import StreamSampler, lr_factor
-from theia_ros.model import TEACHER_FEATURE_SIZES, checkpoint_key_order, load_model, read_safetensors_header
+from theia_ros.encoder.model import TEACHER_FEATURE_SIZES, checkpoint_key_order, load_model
+from theia_ros.weights import read_safetensors_header
 
 TEACHER_NAMES = ["clip", "dinov2"]
 STEPS = 12  # the straight run; the interrupted one stops at STEPS // 2 and resumes
@@ -60,13 +61,13 @@ def synthetic_image(rng, h, w):
 
 
 def write_bag(path, rng, n=8):
-    store = bags.typestore()
+    store = bag_io.typestore()
     T = {k.rsplit("/", 1)[-1]: v for k, v in store.types.items()
-         if k in ("builtin_interfaces/msg/Time", "std_msgs/msg/Header", bags.IMAGE_TYPE, bags.COMPRESSED_IMAGE_TYPE)}
+         if k in ("builtin_interfaces/msg/Time", "std_msgs/msg/Header", bag_io.IMAGE_TYPE, bag_io.COMPRESSED_IMAGE_TYPE)}
     w = Writer(path, version=9, storage_plugin=StoragePlugin.MCAP)
     w.open()
-    raw = w.add_connection("/front/image_raw", bags.IMAGE_TYPE, typestore=store)
-    jpg = w.add_connection("/wrist/image_raw/compressed", bags.COMPRESSED_IMAGE_TYPE, typestore=store)
+    raw = w.add_connection("/front/image_raw", bag_io.IMAGE_TYPE, typestore=store)
+    jpg = w.add_connection("/wrist/image_raw/compressed", bag_io.COMPRESSED_IMAGE_TYPE, typestore=store)
     other = w.add_connection("/note", "std_msgs/msg/String", typestore=store)
     frames = []
     for i in range(n):
@@ -75,12 +76,12 @@ def write_bag(path, rng, n=8):
         rgb = synthetic_image(rng, 48, 64)
         msg = T["Image"](header=header, height=48, width=64, encoding="rgb8", is_bigendian=0, step=64 * 3,
                          data=rgb.reshape(-1))
-        w.write(raw, t, bytes(store.serialize_cdr(msg, bags.IMAGE_TYPE)))
+        w.write(raw, t, bytes(store.serialize_cdr(msg, bag_io.IMAGE_TYPE)))
         frames.append(rgb)
         if i % 2 == 0:
             ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(synthetic_image(rng, 60, 80)[..., ::-1]))
             msg = T["CompressedImage"](header=header, format="jpeg", data=buf.reshape(-1))
-            w.write(jpg, t + 1000, bytes(store.serialize_cdr(msg, bags.COMPRESSED_IMAGE_TYPE)))
+            w.write(jpg, t + 1000, bytes(store.serialize_cdr(msg, bag_io.COMPRESSED_IMAGE_TYPE)))
         w.write(other, t + 5, bytes(store.serialize_cdr(store.types["std_msgs/msg/String"](data=f"n{i}"),
                                                          "std_msgs/msg/String")))
     w.close()

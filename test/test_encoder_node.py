@@ -12,7 +12,7 @@ from sensor_msgs.msg import CompressedImage, Image
 
 from ros_helpers import NodeProcess, wait_until
 from theia_ros.features import features_to_numpy
-from theia_ros.model import load_model
+from theia_ros.encoder.model import load_model
 from theia_ros.msg import Features, MultiCameraFeatures
 
 pytestmark = pytest.mark.ros
@@ -34,7 +34,7 @@ def start_encoder(tmp_path, **params):
     base = {"model": RANDOM_TINY, "seed": 3, "backend": "torch", "qos": "reliable", "torch_threads": 1,
             "diagnostics_period": 0.3}
     base.update(params)
-    return NodeProcess("theia_ros.encoder_node", "--ros-args", "--params-file", params_file(tmp_path, **base))
+    return NodeProcess("theia_ros.nodes.theia_encoder", "--ros-args", "--params-file", params_file(tmp_path, **base))
 
 
 def frame(seed, h=120, w=160):

@@ -9,7 +9,7 @@ import yaml
 from std_msgs.msg import Float64MultiArray
 
 from ros_helpers import NodeProcess, wait_until
-from theia_ros.ros_env import child_environment
+from theia_ros.nodes.environment import child_environment
 
 pytestmark = pytest.mark.ros
 
@@ -45,10 +45,10 @@ def test_watchdog_stops_commands_when_the_encoder_dies_and_resumes(ros_client, t
     commands, sub = ros_client.collect(Float64MultiArray, "commands")
 
     def node(module):
-        return NodeProcess(f"theia_ros.{module}", "--ros-args", "--params-file", path)
+        return NodeProcess(f"theia_ros.nodes.{module}", "--ros-args", "--params-file", path)
 
-    with node("synthetic_camera_node") as camera, node("policy_node") as policy:
-        encoder = node("encoder_node")
+    with node("synthetic_camera") as camera, node("theia_policy") as policy:
+        encoder = node("theia_encoder")
         try:
             assert wait_until(lambda: len(commands) >= 10, 90), encoder.output() + policy.output()
             encoder.kill()  # SIGKILL: no goodbye
@@ -59,7 +59,7 @@ def test_watchdog_stops_commands_when_the_encoder_dies_and_resumes(ros_client, t
             assert last - killed_at <= 0.4 + 0.1, f"commands went on {last - killed_at:.2f} s after the kill"
             assert "watchdog" in policy.output()
             n = len(commands)
-            encoder = node("encoder_node")  # features return: commands resume
+            encoder = node("theia_encoder")  # features return: commands resume
             assert wait_until(lambda: len(commands) >= n + 10, 90), encoder.output() + policy.output()
             assert policy.alive() and camera.alive()
         finally:

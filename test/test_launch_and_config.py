@@ -17,10 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def declared():
-    from theia_ros.encoder_node import TheiaEncoderNode
-    from theia_ros.policy_node import TheiaPolicyNode
-    from theia_ros.sim_node import TheiaSimNode
-    from theia_ros.synthetic_camera_node import SyntheticCamera
+    from theia_ros.nodes.theia_encoder import TheiaEncoderNode
+    from theia_ros.nodes.theia_policy import TheiaPolicyNode
+    from theia_ros.nodes.theia_sim import TheiaSimNode
+    from theia_ros.nodes.synthetic_camera import SyntheticCamera
 
     context = Context()
     rclpy.init(context=context)

@@ -18,20 +18,18 @@ import numpy as np
 import pytest
 import torch
 
-from theia_ros import model_cli
-from theia_ros.model import (
-    REPRESENTATIONS,
+from theia_ros.cli import model as model_cli
+from theia_ros.representations import REPRESENTATIONS
+from theia_ros.encoder.model import (
     VARIANTS,
-    CheckpointError,
     TheiaModel,
-    check_checkpoint_shapes,
     checkpoint_key_to_module_key,
     expected_checkpoint_shapes,
     load_model,
     module_key_to_checkpoint_key,
-    read_safetensors_header,
     variant_config,
 )
+from theia_ros.weights import CheckpointError, check_checkpoint_shapes, read_safetensors_header
 from theia_ros.preprocess import to_model_input
 
 TINY = "theia-tiny-patch16-224-cddsv"
@@ -278,7 +276,7 @@ def test_key_mapping_is_a_bijection(variant):
     config = variant_config(variant)
     teachers = list(config["target_feature_sizes"])
     with torch.device("meta"):
-        from theia_ros.model import TheiaConfig
+        from theia_ros.encoder.model import TheiaConfig
 
         module_keys = set(TheiaModel(TheiaConfig.from_dict(config)).state_dict())
     mapped = {checkpoint_key_to_module_key(k, teachers) for k in read_tsv(variant)}
@@ -477,7 +475,7 @@ def test_bad_images_refused(tiny_model):
 # ---- CLI -----------------------------------------------------------------------------------------
 
 def test_cli_info(capsys, tiny_dir):
-    from theia_ros.cli import main
+    from theia_ros.cli.main import main
 
     assert main(["info", f"random:{TINY}", "--seed", "4"]) == 0
     out = capsys.readouterr().out

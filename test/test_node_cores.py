@@ -3,10 +3,10 @@ the token picture."""
 import numpy as np
 import pytest
 
-from theia_ros.feature_image import tokens_to_rgb
-from theia_ros.safety import CommandFilter
-from theia_ros.stats import LatencyWindow, LogThrottle, RateMeter, SequenceGapCounter
-from theia_ros.sync import FrameSynchronizer
+from theia_ros.nodes.feature_image import tokens_to_rgb
+from theia_ros.policies.safety import CommandFilter
+from theia_ros.nodes.stats import LatencyWindow, LogThrottle, RateMeter, SequenceGapCounter
+from theia_ros.nodes.sync import FrameSynchronizer
 
 
 def test_synchronizer_matches_within_slop_and_counts_drops():

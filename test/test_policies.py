@@ -20,11 +20,11 @@ from theia_ros.policies import (
     PolicyError,
     UnknownPolicyError,
     available_policies,
-    feature_shape_for,
     load_policy_class,
     make_policy,
     random_observation,
 )
+from theia_ros.representations import feature_shape_for
 from theia_ros.policies.hold import HoldPolicy
 from theia_ros.policies.mlp import PooledMLPPolicy
 from theia_ros.policies.theia_head import TheiaHeadPolicy

@@ -27,7 +27,7 @@ def start_policy(tmp_path, name="policy.yaml", **params):
     base.update(params)
     path = tmp_path / name
     path.write_text(yaml.safe_dump({"theia_policy": {"ros__parameters": base}}))
-    return NodeProcess("theia_ros.policy_node", "--ros-args", "--params-file", path,
+    return NodeProcess("theia_ros.nodes.theia_policy", "--ros-args", "--params-file", path,
                        env={"PYTHONPATH": str(TEST_DIR)})
 
 

@@ -8,14 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from theia_ros.preprocess import (
-    SUPPORTED_ENCODINGS,
-    ImageDecodeError,
-    PreprocessConfig,
-    decode_compressed,
-    image_to_rgb,
-    to_model_input,
-)
+from theia_ros.preprocess import PreprocessConfig, to_model_input
+from theia_ros.images import SUPPORTED_ENCODINGS, ImageDecodeError, decode_compressed, image_to_rgb
 
 H, W = 37, 53  # odd sizes so row padding and strides matter
 

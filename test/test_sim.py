@@ -172,7 +172,7 @@ class SimHarness:
         from rclpy.executors import SingleThreadedExecutor
         from rclpy.parameter import Parameter
 
-        from theia_ros.collect_cli import SimClient
+        from theia_ros.nodes.collect import SimClient
 
         self.context = Context()
         rclpy.init(context=self.context)
@@ -205,7 +205,7 @@ class SimHarness:
 def sim_node():
     from ros_helpers import NodeProcess
 
-    proc = NodeProcess("theia_ros.sim_node", "--ros-args", "-p", "width:=96", "-p", "height:=72",
+    proc = NodeProcess("theia_ros.nodes.theia_sim", "--ros-args", "-p", "width:=96", "-p", "height:=72",
                        "-p", "camera_rate:=10.0", "-p", "seed:=100", "-p", "diagnostics_period:=0.5",
                        name="theia_sim")
     harness = SimHarness()

@@ -19,7 +19,7 @@ import pytest
 os.environ.setdefault("MUJOCO_GL", "egl")
 pytest.importorskip("mujoco")
 
-from theia_ros.ros_env import child_environment  # noqa: E402
+from theia_ros.nodes.environment import child_environment  # noqa: E402
 
 MODEL = "random:theia-tiny-patch16-224-cddsv"
 SIZE = 224
@@ -42,8 +42,8 @@ class Evaluator:
         from rclpy.executors import SingleThreadedExecutor
         from rclpy.parameter import Parameter
 
-        from theia_ros.bringup import Graph
-        from theia_ros.collect_cli import SimClient, sim_params
+        from theia_ros.nodes.graph import Graph
+        from theia_ros.nodes.collect import SimClient, sim_params
         from theia_ros.sim import Simulation
 
         core = Simulation()
@@ -75,7 +75,7 @@ class Evaluator:
         assert ok, f"no features from the encoder; exited: {self.graph.dead()}"
 
     def start_policy(self, **params):
-        from theia_ros.bringup import Graph
+        from theia_ros.nodes.graph import Graph
 
         self.client.reset()  # the arm at home before a policy starts (`hold` latches where it is)
         base = {"cameras": ["front"], "joint_names": ARM, "joint_lower": self.lower, "joint_upper": self.upper,
@@ -98,7 +98,7 @@ class Evaluator:
             return codes
 
     def start_expert(self):
-        from theia_ros.collect_cli import ExpertNode
+        from theia_ros.nodes.collect import ExpertNode
 
         self.expert = ExpertNode(context=self.context)
         self.executor.add_node(self.expert.node)
@@ -141,7 +141,7 @@ def run_pipeline(tmp, *, train_episodes, eval_seeds, hold_seeds, expert_seeds, m
     summary = json.loads((demos / "summary.json").read_text())
     assert summary["successes"] == train_episodes, out  # the expert solves every training episode
     bags = sorted(Path(e["bag"]) for e in summary["episodes"])
-    from theia_ros.bags import inspect_bag
+    from theia_ros.bags.inspect import inspect_bag
 
     counts = {t["topic"]: t["count"] for t in inspect_bag(bags[0])["topics"]}
     assert set(counts) == {"/front/image_raw", "/joint_states", "/commands", "/sim/episode"}, counts
@@ -153,8 +153,8 @@ def run_pipeline(tmp, *, train_episodes, eval_seeds, hold_seeds, expert_seeds, m
     # the first through the command line, the rest through the Python API with one loaded encoder
     _cli("encode-bag", bags[0], features / bags[0].name, "--model", MODEL, "--seed", 0, "--threads", 1,
          "--no-progress", "--cameras", "/front/image_raw")
-    from theia_ros.bags import encode_bag
-    from theia_ros.encoder import FeatureEncoder
+    from theia_ros.bags.encode import encode_bag
+    from theia_ros.encoder.pipeline import FeatureEncoder
 
     import torch
 

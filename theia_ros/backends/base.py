@@ -10,9 +10,7 @@ from abc import ABC, abstractmethod
 import torch
 
 from theia_ros.preprocess import to_model_input
-
-TEACHER_PREFIX = "teacher:"
-
+from theia_ros.representations import TEACHER_PREFIX
 
 class BackendError(RuntimeError):
     """A backend that cannot be built, loaded or trusted."""

@@ -30,7 +30,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence
 
-from theia_ros.hashing import sha256_file
+from theia_ros.weights import sha256_file
 
 log = logging.getLogger("theia_ros.backends")
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from theia_ros.backends.base import TEACHER_PREFIX
+from theia_ros.representations import TEACHER_PREFIX
 
 
 @torch.library.custom_op("theia_ros::multi_head_attention", mutates_args=())

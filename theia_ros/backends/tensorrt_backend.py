@@ -41,13 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from theia_ros.backends import cache
-from theia_ros.backends.base import (
-    TEACHER_PREFIX,
-    BackendError,
-    InferenceBackend,
-    canonical_representation,
-    export_module,
-)
+from theia_ros.representations import TEACHER_PREFIX
+from theia_ros.backends.base import BackendError, InferenceBackend, canonical_representation, export_module
 
 log = logging.getLogger("theia_ros.backends")
 

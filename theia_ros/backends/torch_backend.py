@@ -12,7 +12,8 @@ import time
 import torch
 from torch import nn
 
-from theia_ros.backends.base import TEACHER_PREFIX, BackendError, InferenceBackend, reference_forward
+from theia_ros.representations import TEACHER_PREFIX
+from theia_ros.backends.base import BackendError, InferenceBackend, reference_forward
 
 log = logging.getLogger("theia_ros.backends")
 

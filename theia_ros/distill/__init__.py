@@ -6,11 +6,11 @@ translator head per teacher) is then trained to predict the normalised maps and 
 published checkpoint layout, so :func:`theia_ros.model.load_model` and everything built on it
 read the result unchanged. Entry points: :func:`distill` and ``theia-ros distill``.
 """
-from .cache import FeatureCache
-from .sources import BagSource, FolderSource, build_index, split_items
-from .student import build_student, denormalise, distill_loss, load_feature_stats, write_published
-from .teachers import TEACHERS, Preprocess, Teacher, TeacherSpec, build_teacher, register_teacher
-from .train import DistillConfig, DistillResult, distill
+from theia_ros.distill.cache import FeatureCache
+from theia_ros.distill.sources import BagSource, FolderSource, build_index, split_items
+from theia_ros.distill.student import build_student, denormalise, distill_loss, load_feature_stats, write_published
+from theia_ros.distill.teachers import TEACHERS, Preprocess, Teacher, TeacherSpec, build_teacher, register_teacher
+from theia_ros.distill.train import DistillConfig, DistillResult, distill
 
 __all__ = [
     "TEACHERS", "Preprocess", "Teacher", "TeacherSpec", "build_teacher", "register_teacher",

@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .sources import IMAGE_SIZE, ImageItem
+from theia_ros.distill.sources import IMAGE_SIZE, ImageItem
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def _metadata(path: Path) -> Optional[Dict[str, str]]:
     """The safetensors metadata of a complete, readable shard, else None."""
     from safetensors import safe_open
 
-    from theia_ros.model import CheckpointError, read_safetensors_header
+    from theia_ros.weights import CheckpointError, read_safetensors_header
 
     if not path.is_file():
         return None

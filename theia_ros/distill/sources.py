@@ -100,7 +100,7 @@ class FolderSource:
 
     def load(self, items: Sequence[ImageItem]) -> Iterator[Tuple[ImageItem, Optional[np.ndarray]]]:
         """(item, RGB uint8 [224, 224, 3] or None when undecodable), in the order given."""
-        from theia_ros.preprocess import ImageDecodeError, decode_compressed
+        from theia_ros.images import ImageDecodeError, decode_compressed
 
         for item in items:
             path = self.root / item.ref
@@ -135,7 +135,7 @@ class BagSource:
         self._frames: Optional[List[Tuple[str, int, int]]] = None  # (topic, ordinal, timestamp)
 
     def _camera_connections(self, reader):
-        from theia_ros.bags import CAMERA_TYPES
+        from theia_ros.bags.io import CAMERA_TYPES
 
         cams = [c for c in reader.connections if c.msgtype in CAMERA_TYPES]
         if self.topics is not None:
@@ -160,7 +160,7 @@ class BagSource:
 
     def frames(self) -> List[Tuple[str, int, int]]:
         if self._frames is None:
-            from theia_ros.bags import open_reader
+            from theia_ros.bags.io import open_reader
 
             reader = open_reader(self.path)
             try:
@@ -186,8 +186,9 @@ class BagSource:
 
     def load(self, items: Sequence[ImageItem]) -> Iterator[Tuple[ImageItem, Optional[np.ndarray]]]:
         """One pass through the bag; yields the requested frames in bag order (None: undecodable)."""
-        from theia_ros.bags import decode_camera_message, open_reader
-        from theia_ros.preprocess import ImageDecodeError
+        from theia_ros.bags.encode import decode_camera_message
+        from theia_ros.bags.io import open_reader
+        from theia_ros.images import ImageDecodeError
 
         wanted = {item.ref: item for item in items}
         if not wanted:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from theia_ros.model import (
+from theia_ros.encoder.model import (
     BACKBONES,
     TheiaConfig,
     TheiaModel,

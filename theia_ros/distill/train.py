@@ -40,11 +40,11 @@ import torch
 
 from theia_ros.preprocess import to_model_input
 
-from .cache import FeatureCache, teacher_dir_name
-from .sources import build_index, dataset_id, make_sources, split_items
-from .student import STATS_FILE, StudentForward, build_student, distill_loss, map_cosine, write_feature_stats, \
+from theia_ros.distill.cache import FeatureCache, teacher_dir_name
+from theia_ros.distill.sources import build_index, dataset_id, make_sources, split_items
+from theia_ros.distill.student import STATS_FILE, StudentForward, build_student, distill_loss, map_cosine, write_feature_stats, \
     write_published
-from .teachers import TEACHER_MODES, build_teacher, specs_for, teacher_fingerprint
+from theia_ros.distill.teachers import TEACHER_MODES, build_teacher, specs_for, teacher_fingerprint
 
 __all__ = ["DistillConfig", "DistillResult", "StreamSampler", "distill", "lr_factor", "plot_history"]
 

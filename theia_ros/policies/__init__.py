@@ -11,10 +11,9 @@ point, e.g. in its setup.py::
 
     entry_points={"theia_ros.policies": ["my_policy = my_pkg.policy:MyPolicy"]}
 """
-from .base import (
+from theia_ros.policies.base import (
     CONFIG_FILE,
     ENTRY_POINT_GROUP,
-    REPRESENTATIONS,
     WEIGHTS_FILE,
     ActionSpec,
     CheckpointError,
@@ -27,7 +26,6 @@ from .base import (
     PolicyError,
     UnknownPolicyError,
     available_policies,
-    feature_shape_for,
     load_policy_class,
     make_policy,
     random_observation,
@@ -37,7 +35,6 @@ from .base import (
 __all__ = [
     "CONFIG_FILE",
     "ENTRY_POINT_GROUP",
-    "REPRESENTATIONS",
     "WEIGHTS_FILE",
     "ActionSpec",
     "CheckpointError",
@@ -50,7 +47,6 @@ __all__ = [
     "PolicyError",
     "UnknownPolicyError",
     "available_policies",
-    "feature_shape_for",
     "load_policy_class",
     "make_policy",
     "random_observation",

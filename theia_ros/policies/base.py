@@ -39,12 +39,13 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from theia_ros.representations import REPRESENTATIONS, TEACHER_PREFIX
+
 __all__ = [
     "ENTRY_POINT_GROUP",
     "CONFIG_FILE",
     "WEIGHTS_FILE",
     "FORMAT_VERSION",
-    "REPRESENTATIONS",
     "PolicyError",
     "ObservationError",
     "PolicyConfigError",
@@ -55,7 +56,6 @@ __all__ = [
     "Observation",
     "ObservationBuffer",
     "Policy",
-    "feature_shape_for",
     "random_observation",
     "available_policies",
     "load_policy_class",
@@ -68,17 +68,6 @@ CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
 
-#: Representations the encoder publishes, with their per-camera shape (C = model width:
-#: 192 tiny, 384 small, 768 base). ``teacher:<id>`` predictions are accepted with any shape.
-REPRESENTATIONS = {
-    "tokens": "[196, C] patch tokens without CLS, 14x14 grid row-major",
-    "all_tokens": "[197, C] CLS token followed by the 196 patch tokens",
-    "spatial": "[C, 14, 14] patch tokens as a map",
-    "cls": "[C] CLS token",
-    "mean": "[C] mean-pooled patch tokens",
-    "max": "[C] max-pooled patch tokens",
-}
-TEACHER_PREFIX = "teacher:"
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,21 +99,6 @@ class UnknownPolicyError(PolicyError, LookupError):
 
 # --------------------------------------------------------------------------------------------
 # Specs
-
-
-def feature_shape_for(representation: str, dim: int, grid: int = 14) -> tuple[int, ...]:
-    """Per-camera feature shape the encoder publishes for `representation` at width `dim`."""
-    shapes = {
-        "tokens": (grid * grid, dim),
-        "all_tokens": (grid * grid + 1, dim),
-        "spatial": (dim, grid, grid),
-        "cls": (dim,),
-        "mean": (dim,),
-        "max": (dim,),
-    }
-    if representation not in shapes:
-        raise PolicyConfigError(f"no standard shape for representation {representation!r}; known: {sorted(shapes)}")
-    return shapes[representation]
 
 
 def _is_square(n: int) -> bool:

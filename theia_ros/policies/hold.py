@@ -5,7 +5,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .base import Observation, Policy, PolicyConfigError, PolicyError
+from theia_ros.policies.base import Observation, Policy, PolicyConfigError, PolicyError
 
 
 class HoldPolicy(Policy):

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import PolicyConfigError
-from .torch_policy import ACTIVATIONS, TorchPolicy, check_dropout, check_int_list, make_mlp
+from theia_ros.policies.base import PolicyConfigError
+from theia_ros.policies.torch_policy import ACTIVATIONS, TorchPolicy, check_dropout, check_int_list, make_mlp
 
 
 class PooledMLPNet(nn.Module):

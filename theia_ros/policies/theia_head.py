@@ -16,8 +16,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .base import PolicyConfigError
-from .torch_policy import TorchPolicy, check_dropout, check_int_list, make_mlp
+from theia_ros.policies.base import PolicyConfigError
+from theia_ros.policies.torch_policy import TorchPolicy, check_dropout, check_int_list, make_mlp
 
 
 def conv_sizes(grid: int) -> tuple[int, int, int]:

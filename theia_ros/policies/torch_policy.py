@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..model import shape_mismatches
-from .base import CheckpointError, Observation, Policy, PolicyConfigError, PolicyError
+from theia_ros.weights import shape_mismatches
+from theia_ros.policies.base import CheckpointError, Observation, Policy, PolicyConfigError, PolicyError
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "elu": nn.ELU,
                "leaky_relu": nn.LeakyReLU}

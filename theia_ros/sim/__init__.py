@@ -13,9 +13,9 @@ import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-from .core import HOME, REJECT_REASONS, CommandError, RenderError, ReachExpert, SimConfig, Simulation  # noqa: E402
-from .scene import AssetsNotFound, CameraSpec, SceneConfig, franka_assets_dir  # noqa: E402
-from .task import ReachConfig, ReachTask  # noqa: E402
+from theia_ros.sim.core import HOME, REJECT_REASONS, CommandError, RenderError, ReachExpert, SimConfig, Simulation  # noqa: E402
+from theia_ros.sim.scene import AssetsNotFound, CameraSpec, SceneConfig, franka_assets_dir  # noqa: E402
+from theia_ros.sim.task import ReachConfig, ReachTask  # noqa: E402
 
 __all__ = ["HOME", "REJECT_REASONS", "AssetsNotFound", "CameraSpec", "CommandError", "ReachConfig", "ReachExpert",
            "ReachTask", "RenderError", "SceneConfig", "SimConfig", "Simulation", "franka_assets_dir"]

@@ -26,10 +26,10 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 import mujoco  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .ik import SiteIK  # noqa: E402
-from .scene import (ARM_JOINTS, CUBE_BODY, EE_SITE, FINGER_JOINTS, ROS_JOINT_NAMES, TABLE_TOP_Z,  # noqa: E402
+from theia_ros.sim.ik import SiteIK  # noqa: E402
+from theia_ros.sim.scene import (ARM_JOINTS, CUBE_BODY, EE_SITE, FINGER_JOINTS, ROS_JOINT_NAMES, TABLE_TOP_Z,  # noqa: E402
                     SceneConfig, build_mjcf)
-from .task import ReachConfig, ReachTask  # noqa: E402
+from theia_ros.sim.task import ReachConfig, ReachTask  # noqa: E402
 
 # gripper pointing down above the table (this model's joint 6 is the real Panda's minus pi/2)
 HOME = (0.0, -0.785, 0.0, -2.356, 0.0, 0.0, 0.785)

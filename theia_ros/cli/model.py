@@ -4,7 +4,8 @@ import sys
 
 
 def _run_info(args) -> int:
-    from .model import CheckpointError, load_model
+    from theia_ros.weights import CheckpointError
+    from theia_ros.encoder.model import load_model
 
     try:
         model = load_model(args.source, seed=args.seed)

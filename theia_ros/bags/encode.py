@@ -1,29 +1,14 @@
-"""rosbag2 tools without ROS: encode camera topics of a bag into Theia features, inspect bags.
+"""encode-bag: the camera topics of a bag encoded into Theia features, written as a new bag.
 
-Plain Python on top of the pure-Python `rosbags` library (sqlite3 and MCAP storage, rosbag2
-metadata versions 8 and 9), so it runs on a training server with no ROS installed; rclpy is not
-imported here.
-
-- :func:`encode_bag`: reads a bag, decodes its camera topics (``sensor_msgs/Image`` raw or
-  ``sensor_msgs/CompressedImage``), encodes them in batches and writes a NEW bag holding one
-  ``theia_ros/msg/Features`` topic per camera (``/front/image_raw`` -> ``/front/features``),
-  stamped like the images, plus (by default) every other topic copied byte for byte.
-  Decoding (thread), inference (caller's thread) and writing (thread) overlap.
-- :func:`inspect_bag`: topics, types, counts, rates, gaps, and what the feature topics hold.
-- :func:`typestore`: the rosbags type store with the Jazzy types and this package's messages.
-
-Bag timestamps ("receive time", the ``timestamp`` column of rosbag2) and header stamps are
-integers in nanoseconds here.
-"""
+Decoding (thread), inference (caller's thread) and writing (thread) overlap; every other topic is
+copied byte for byte unless asked not to."""
 from __future__ import annotations
 
 import dataclasses
 import functools
 import json
 import logging
-import os
 import queue
-import shutil
 import sys
 import threading
 import time
@@ -33,217 +18,17 @@ from typing import Any
 
 import numpy as np
 
+from theia_ros.bags.io import (BAG_VERSIONS, CAMERA_TYPES, COMPRESSED_IMAGE_TYPE, CUSTOM_DATA_KEY, FEATURES_TYPE,
+                               IMAGE_TYPE, STORAGES, BagError, BagReadError, _ensure_type, _make_writer,
+                               deserialize, open_reader, prepare_output, typestore)
+
 log = logging.getLogger(__name__)
 
-FEATURES_TYPE = "theia_ros/msg/Features"
-MULTI_FEATURES_TYPE = "theia_ros/msg/MultiCameraFeatures"
-IMAGE_TYPE = "sensor_msgs/msg/Image"
-COMPRESSED_IMAGE_TYPE = "sensor_msgs/msg/CompressedImage"
-CAMERA_TYPES = (IMAGE_TYPE, COMPRESSED_IMAGE_TYPE)
-STORAGES = ("mcap", "sqlite3")
-#: rosbag2 metadata versions rosbags writes: 9 (Jazzy and newer), 8 (Iron; readable by Humble's
-#: sqlite3 plugin as far as we know, see docs/bags.md)
-BAG_VERSIONS = (9, 8)
 DEFAULT_MODEL = "theaiinstitute/theia-tiny-patch16-224-cddsv"
-CUSTOM_DATA_KEY = "theia_ros.encode_bag"
+
+
 # image_transport suffixes stripped before taking a camera topic's namespace
 _TRANSPORT_SUFFIXES = ("compressed", "compressedDepth", "theora", "zstd", "ffmpeg", "h264")
-
-
-class BagError(RuntimeError):
-    """A bag cannot be used as asked (missing, not a bag, output exists, no camera topics...)."""
-
-
-class BagReadError(BagError):
-    """The input bag is corrupt or truncated (raised after the readable part was processed)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Types
-
-
-def msg_definition_dirs() -> list[Path]:
-    """Directories that may hold this package's .msg files, most specific first."""
-    here = Path(__file__).resolve().parent
-    dirs = [here.parent / "msg", Path(sys.prefix) / "share" / "theia_ros" / "msg"]
-    for prefix in os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep):
-        if prefix:
-            dirs.append(Path(prefix) / "share" / "theia_ros" / "msg")
-    return dirs
-
-
-def msg_definition_text(name: str) -> str:
-    """Text of msg/<name>.msg (source tree, else the installed share/theia_ros/msg)."""
-    for d in msg_definition_dirs():
-        path = d / f"{name}.msg"
-        if path.is_file():
-            return path.read_text()
-    raise BagError(f"cannot find {name}.msg of theia_ros (looked in {', '.join(map(str, msg_definition_dirs()))}); "
-                   "install the package with colcon or run from the source tree")
-
-
-@functools.lru_cache(maxsize=1)
-def typestore():
-    """rosbags type store: ROS 2 Jazzy's standard types plus theia_ros/msg/{Features,MultiCameraFeatures}."""
-    from rosbags.typesys import Stores, get_types_from_msg, get_typestore
-
-    store = get_typestore(Stores.ROS2_JAZZY)
-    types = {}
-    for name in ("Features", "MultiCameraFeatures"):
-        types.update(get_types_from_msg(msg_definition_text(name), f"theia_ros/msg/{name}"))
-    store.register(types)
-    return store
-
-
-def _ensure_type(store, conn) -> bool:
-    """Register `conn`'s type from the definition stored in the bag when the store lacks it."""
-    if conn.msgtype in store.types:
-        return True
-    data = getattr(conn.msgdef, "data", "") or ""
-    if not data:
-        return False
-    from rosbags.typesys import get_types_from_msg
-
-    try:
-        sep = "=" * 80 + "\n"
-        parts = data.split(sep)
-        types = get_types_from_msg(parts[0], conn.msgtype)
-        for part in parts[1:]:
-            header, _, text = part.partition("\n")
-            if header.startswith("MSG: "):
-                name = header[5:].strip()
-                if "/msg/" not in name:
-                    name = name.replace("/", "/msg/", 1)
-                types.update(get_types_from_msg(text, name))
-        store.register(types)
-    except Exception as exc:  # rosbags raises several parser error types
-        log.warning("cannot register type %s from the bag's definition: %s", conn.msgtype, exc)
-        return False
-    return conn.msgtype in store.types
-
-
-def deserialize(raw, msgtype: str):
-    return typestore().deserialize_cdr(raw, msgtype)
-
-
-def stamp_ns(stamp) -> int:
-    """builtin_interfaces/Time (any object with sec, nanosec) -> int nanoseconds."""
-    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
-
-
-# ---------------------------------------------------------------------------------------------
-# Opening bags
-
-
-def open_reader(path, *, salvage=False):
-    """An opened rosbags rosbag2 Reader for a bag directory, or a single .mcap / .db3 file.
-
-    Raises :class:`BagError` with a hint when `path` is not a readable bag. With `salvage`, a
-    damaged bag (truncated MCAP without footer, sqlite3 file with damaged pages, missing
-    metadata.yaml) is opened with a reader of :mod:`theia_ros.bag_salvage` instead, whose
-    ``salvage_reason`` says what is wrong; its messages end with an error where the damage starts.
-    """
-    from rosbags.rosbag2 import Reader
-
-    path = Path(path)
-    if not path.exists():
-        raise BagError(f"input bag {path} does not exist")
-    if path.is_dir() and not (path / "metadata.yaml").exists():
-        files = sorted(p.name for p in path.iterdir() if p.suffix in (".mcap", ".db3"))
-        if not files:
-            raise BagError(f"{path} is not a rosbag2 bag: no metadata.yaml, no .mcap or .db3 file")
-        reason = (f"{path} has no metadata.yaml (a recording that was killed leaves none; `ros2 bag reindex` "
-                  "restores it)")
-        if salvage:
-            return _salvage(path, reason, None)
-        raise BagError(f"{reason}; it holds {', '.join(files)}: pass that file itself")
-    try:
-        reader = Reader(path)
-        reader.open()
-    except Exception as exc:  # rosbags ReaderError, apsw (sqlite3) and yaml errors
-        reason = f"cannot read bag {path}: {type(exc).__name__}: {exc}"
-        if salvage:
-            return _salvage(path, reason, exc)
-        raise BagReadError(f"{reason} (corrupt or truncated? `ros2 bag reindex` or `mcap recover` may repair "
-                           "it)") from exc
-    return reader
-
-
-def _salvage(path, reason, exc):
-    from theia_ros.bag_salvage import SalvageError, open_salvage
-
-    try:
-        reader = open_salvage(path)
-    except (SalvageError, OSError) as err:
-        raise BagReadError(f"{reason}; nothing readable in it either ({err})") from (exc or err)
-    if reader is None or not reader.connections:
-        raise BagReadError(f"{reason}; no topic could be recovered from it") from exc
-    reader.salvage_reason = reason
-    log.warning("%s: reading what is readable (%s)", reason,
-                f"damage: {reader.damage}" if reader.damage else "file order")
-    return reader
-
-
-def storage_of(reader) -> str:
-    """'mcap' or 'sqlite3': the storage plugin of an opened rosbags Reader."""
-    if hasattr(reader, "storage_name"):
-        return reader.storage_name
-    storage = getattr(reader, "storage", None)
-    inner = getattr(storage, "storages", None)
-    name = type(inner[0] if inner else storage).__name__.lower()
-    return "mcap" if "mcap" in name else "sqlite3" if "sqlite" in name else name
-
-
-def custom_data_of(reader) -> dict:
-    """The bag's custom_data (metadata.yaml), {} when none."""
-    try:
-        return dict(reader.storage.metadata.custom or {})
-    except Exception:
-        return {}
-
-
-def _make_writer(path: Path, storage: str, version: int):
-    from rosbags.rosbag2 import StoragePlugin, Writer
-
-    if storage not in STORAGES:
-        raise BagError(f"unknown storage {storage!r}; use one of {', '.join(STORAGES)}")
-    if version not in BAG_VERSIONS:
-        raise BagError(f"rosbag2 metadata version {version} cannot be written; use one of {BAG_VERSIONS}")
-    plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
-    return Writer(path, version=version, storage_plugin=plugin)
-
-
-def _looks_like_bag_dir(path: Path) -> bool:
-    if not path.is_dir():
-        return False
-    entries = list(path.iterdir())
-    if not entries:
-        return True
-    names = {p.name for p in entries}
-    return "metadata.yaml" in names or any(p.suffix in (".mcap", ".db3", ".zstd") for p in entries)
-
-
-def prepare_output(out: Path, inputs, overwrite: bool) -> None:
-    """Refuse to clobber OUT unless `overwrite`; never delete an input or a non-bag directory."""
-    out = Path(out)
-    for src in inputs:
-        src = Path(src).resolve()
-        if out.resolve() == src or src.is_relative_to(out.resolve()):
-            raise BagError(f"output {out} is (or contains) the input bag {src}")
-    if not out.exists() and not out.is_symlink():
-        return
-    if not overwrite:
-        raise BagError(f"output {out} exists; pass --overwrite to replace it")
-    if out.is_symlink() or out.is_file():
-        raise BagError(f"output {out} exists and is not a bag directory; not replacing it")
-    if not _looks_like_bag_dir(out):
-        raise BagError(f"output {out} exists and does not look like a rosbag2 bag (no metadata.yaml, .mcap or "
-                       ".db3); not deleting it")
-    shutil.rmtree(out)
-
-
-# ---------------------------------------------------------------------------------------------
-# Camera topics
 
 
 def features_topic_for(image_topic: str) -> str:
@@ -318,7 +103,7 @@ def decode_camera_message(raw, msgtype: str):
 
     Raises ImageDecodeError (from theia_ros.preprocess) for anything undecodable.
     """
-    from theia_ros.preprocess import ImageDecodeError, decode_compressed, image_to_rgb
+    from theia_ros.images import ImageDecodeError, decode_compressed, image_to_rgb
 
     try:
         msg = deserialize(raw, msgtype)
@@ -331,13 +116,9 @@ def decode_camera_message(raw, msgtype: str):
     return msg.header, rgb
 
 
-# ---------------------------------------------------------------------------------------------
-# encode-bag
-
-
 @functools.lru_cache(maxsize=2)
 def _cached_encoder(source, seed, backend, precision, device, max_batch, representation, output_dtype):
-    from theia_ros.encoder import FeatureEncoder
+    from theia_ros.encoder.pipeline import FeatureEncoder
 
     return FeatureEncoder.load(source, seed=seed, backend=backend, precision=precision, device=device,
                                max_batch=max_batch, representation=representation, output_dtype=output_dtype)
@@ -512,7 +293,7 @@ def _encode(reader, connections, topics, output_path, encoder, *, batch, copy, s
     except ImportError:  # progress bar only
         tqdm = _NoProgress
     from theia_ros.features import to_features_msg
-    from theia_ros.preprocess import ImageDecodeError
+    from theia_ros.images import ImageDecodeError
 
     store = typestore()
     meta = encoder.metadata
@@ -729,167 +510,3 @@ class _NoProgress:
 
 class _Fields:
     """Attribute holder that to_features_msg fills (becomes the rosbags message's fields)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# inspect
-
-
-@dataclasses.dataclass
-class TopicStats:
-    topic: str
-    msgtype: str
-    count: int
-    first: int | None = None  # bag timestamps, ns
-    last: int | None = None
-    gaps: list = dataclasses.field(default_factory=list)  # [(gap ns, at timestamp ns)] largest first
-    features: dict | None = None
-
-    @property
-    def rate(self) -> float:
-        if self.count < 2 or self.first is None or self.last == self.first:
-            return float("nan")
-        return (self.count - 1) / ((self.last - self.first) * 1e-9)
-
-
-def features_summary(msg) -> dict:
-    """What one Features message holds (shape, dtype, representation, model, weights)."""
-    from theia_ros.features import DTYPE_NAMES
-
-    return {"shape": [int(s) for s in msg.shape], "dtype": DTYPE_NAMES.get(int(msg.dtype), f"code {msg.dtype}"),
-            "representation": msg.representation, "model_id": msg.model_id, "weights_id": msg.weights_id,
-            "random_weights": bool(msg.random_weights), "camera": msg.camera}
-
-
-def inspect_bag(path, *, gaps=3) -> dict:
-    """Summary of a bag: storage, duration, per topic count/rate/gaps, feature topics' metadata."""
-    store = typestore()
-    reader = open_reader(path, salvage=True)
-    error = getattr(reader, "salvage_reason", None)
-    if error:
-        error = f"corrupt or truncated bag: {error}"
-    try:
-        conns = list(reader.connections)
-        stats: dict[tuple, TopicStats] = {}
-        for c in conns:
-            stats.setdefault((c.topic, c.msgtype), TopicStats(c.topic, c.msgtype, 0))
-        stamps = defaultdict(list)
-        feature_variants = defaultdict(set)
-        try:
-            for conn, ts, raw in reader.messages(connections=conns):
-                key = (conn.topic, conn.msgtype)
-                stamps[key].append(ts)
-                if conn.msgtype == FEATURES_TYPE:
-                    try:
-                        msg = deserialize(raw, FEATURES_TYPE)
-                        s = features_summary(msg)
-                    except Exception as exc:
-                        s = {"error": f"undecodable: {exc}"}
-                    if stats[key].features is None:
-                        stats[key].features = s
-                    feature_variants[key].add(json.dumps(s, sort_keys=True))
-        except Exception as exc:
-            error = f"corrupt or truncated bag: reading stopped ({type(exc).__name__}: {exc})" + (
-                f"; {error[len('corrupt or truncated bag: '):]}" if error else "")
-        for key, st in stats.items():
-            ts = np.asarray(sorted(stamps.get(key, [])), dtype=np.int64)
-            st.count = int(ts.size)
-            if ts.size:
-                st.first, st.last = int(ts[0]), int(ts[-1])
-            if ts.size > 1:
-                d = np.diff(ts)
-                order = np.argsort(d)[::-1][:gaps]
-                st.gaps = [(int(d[i]), int(ts[i])) for i in order]
-            if st.features is not None and len(feature_variants[key]) > 1:
-                st.features["inconsistent"] = len(feature_variants[key])
-        custom = custom_data_of(reader)
-        all_ts = [t for v in stamps.values() for t in v]
-        info = {
-            "path": str(path),
-            "storage": storage_of(reader),
-            "version": _metadata_version(Path(path)),
-            "messages": len(all_ts),
-            "start_ns": min(all_ts) if all_ts else None,
-            "end_ns": max(all_ts) if all_ts else None,
-            "duration_s": (max(all_ts) - min(all_ts)) * 1e-9 if all_ts else 0.0,
-            "size_bytes": _size(Path(path)),
-            "custom_data": custom,
-            "topics": [dataclasses.asdict(s) | {"rate_hz": s.rate} for s in sorted(stats.values(),
-                                                                               key=lambda s: s.topic)],
-            "error": error,
-        }
-        return info
-    finally:
-        try:
-            reader.close()
-        except Exception:
-            pass
-
-
-def _metadata_version(path: Path):
-    meta = path / "metadata.yaml"
-    if not meta.is_file():
-        return None
-    try:
-        import yaml
-
-        return yaml.safe_load(meta.read_text())["rosbag2_bagfile_information"]["version"]
-    except Exception:
-        return None
-
-
-def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def format_inspect(info: dict) -> str:
-    """Human-readable text of :func:`inspect_bag`."""
-    lines = []
-    dur = info["duration_s"]
-    lines.append(f"bag:       {info['path']}")
-    lines.append(f"storage:   {info['storage']}" + (f" (metadata version {info['version']})" if info['version'] else ""))
-    lines.append(f"size:      {info['size_bytes'] / 1e6:.1f} MB")
-    lines.append(f"duration:  {dur:.3f} s" + (f"  (start {info['start_ns'] * 1e-9:.3f} s)" if info["start_ns"] else ""))
-    lines.append(f"messages:  {info['messages']}")
-    topics = info["topics"]
-    w_topic = max([len("topic")] + [len(t["topic"]) for t in topics])
-    w_type = max([len("type")] + [len(t["msgtype"]) for t in topics])
-    lines.append("")
-    lines.append(f"{'topic':<{w_topic}}  {'type':<{w_type}}  {'count':>7}  {'rate Hz':>8}  largest gaps (s)")
-    for t in topics:
-        rate = t["rate_hz"]
-        gaps = ", ".join(f"{g * 1e-9:.3f}" for g, _ in t["gaps"]) or "-"
-        rate_s = f"{rate:8.2f}" if rate == rate else f"{'-':>8}"
-        lines.append(f"{t['topic']:<{w_topic}}  {t['msgtype']:<{w_type}}  {t['count']:>7}  {rate_s}  {gaps}")
-    feats = [t for t in topics if t["features"]]
-    if feats:
-        lines.append("")
-        lines.append("feature topics:")
-        for t in feats:
-            f = t["features"]
-            if "error" in f:
-                lines.append(f"  {t['topic']}: {f['error']}")
-                continue
-            shape = "x".join(map(str, f["shape"]))
-            lines.append(f"  {t['topic']}: camera {f['camera']!r}, shape [{shape}] {f['dtype']}, representation "
-                         f"{f['representation']}")
-            lines.append(f"    model_id {f['model_id']}, weights {f['weights_id']}")
-            if f["random_weights"]:
-                lines.append("    RANDOM WEIGHTS: these features carry no learned meaning (tests and demos only)")
-            if f.get("inconsistent"):
-                lines.append(f"    WARNING: {f['inconsistent']} different shape/model combinations on this topic")
-    custom = info.get("custom_data") or {}
-    if CUSTOM_DATA_KEY in custom:
-        try:
-            prov = json.loads(custom[CUSTOM_DATA_KEY])
-            lines.append("")
-            lines.append(f"encoded by theia-ros encode-bag from {prov.get('source')}: {prov.get('frames')} frames, "
-                         f"{prov.get('bad_frames')} bad, complete: {prov.get('complete')}")
-        except (TypeError, ValueError):
-            pass
-    if info.get("error"):
-        lines.append("")
-        lines.append(f"ERROR: {info['error']}")
-    return "\n".join(lines)

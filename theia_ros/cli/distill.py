@@ -92,7 +92,7 @@ def add_parser(subparsers):
 def run_distill(args) -> int:
     from theia_ros.distill.sources import expand_paths
     from theia_ros.distill.train import DistillConfig, distill
-    from theia_ros.model import CheckpointError
+    from theia_ros.weights import CheckpointError
 
     if not args.images and not args.bags:
         print("theia-ros distill: give --images and/or --bags", file=sys.stderr)

@@ -27,11 +27,13 @@ from std_srvs.srv import SetBool
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from theia_ros.features import FeaturesFormatError, features_to_numpy
+from theia_ros.resources import resolve_package_path
+from theia_ros.stamps import stamp_seconds
 from theia_ros.msg import Features, MultiCameraFeatures
 from theia_ros.policies import ObservationBuffer, ObservationError, PolicyError, make_policy
-from theia_ros.node_main import declare, run_node
-from theia_ros.safety import CommandFilter
-from theia_ros.stats import LatencyWindow, LogThrottle, RateMeter
+from theia_ros.nodes.runtime import declare, run_node
+from theia_ros.policies.safety import CommandFilter
+from theia_ros.nodes.stats import LatencyWindow, LogThrottle, RateMeter
 
 COMMAND_FORMATS = {
     "float64_multi_array": (Float64MultiArray, "commands"),  # ros2_control forward_command_controller
@@ -41,26 +43,6 @@ COMMAND_FORMATS = {
     # static-axis roll-pitch-yaw) in `ee_frame`, for a Cartesian controller or servo node
     "ee_delta_pose": (PoseStamped, "ee_delta"),
 }
-
-
-def resolve_package_path(path):
-    """`package://theia_ros/<rel>`: a file shipped with the package (source tree or installed share/)."""
-    prefix = "package://theia_ros/"
-    if not path.startswith(prefix):
-        return path
-    from pathlib import Path
-
-    rel = path[len(prefix):]
-    source = Path(__file__).resolve().parent.parent / rel
-    if source.exists():
-        return str(source)
-    from ament_index_python.packages import get_package_share_directory
-
-    return str(Path(get_package_share_directory("theia_ros")) / rel)
-
-
-def _seconds(stamp):
-    return stamp.sec + stamp.nanosec * 1e-9
 
 
 class TheiaPolicyNode(Node):
@@ -207,7 +189,7 @@ class TheiaPolicyNode(Node):
                 self.random_features = True
                 self.get_logger().warning(f"[RANDOM WEIGHTS] features on {camera} come from random weights "
                                           f"({msg.weights_id}): actions are meaningless")
-            self.buffer.push_features(camera, _seconds(msg.header.stamp), array,
+            self.buffer.push_features(camera, stamp_seconds(msg.header.stamp), array,
                                       representation=msg.representation, model_id=msg.model_id)
         except (FeaturesFormatError, ObservationError) as exc:
             self.counts["bad_messages"] += 1
@@ -224,7 +206,7 @@ class TheiaPolicyNode(Node):
                 raise ObservationError(f"joint_states has {len(msg.name)} names but {len(msg.position)} positions")
             self.measured.update(zip(msg.name, msg.position))
             if self.policy.observation_spec.proprio_joints:
-                self.buffer.push_joint_state(_seconds(msg.header.stamp), list(msg.name), list(msg.position),
+                self.buffer.push_joint_state(stamp_seconds(msg.header.stamp), list(msg.name), list(msg.position),
                                              list(msg.velocity) or None)
         except (ObservationError, ValueError) as exc:
             self.counts["bad_messages"] += 1

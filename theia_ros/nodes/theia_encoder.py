@@ -19,22 +19,20 @@ from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.qos import QoSProfile, ReliabilityPolicy, HistoryPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 
-from theia_ros.encoder import FeatureEncoder
-from theia_ros.feature_image import tokens_to_rgb
+from theia_ros.encoder.pipeline import FeatureEncoder
+from theia_ros.nodes.feature_image import tokens_to_rgb
 from theia_ros.features import to_features_msg
+from theia_ros.stamps import stamp_seconds
 from theia_ros.msg import Features, MultiCameraFeatures
-from theia_ros.preprocess import SUPPORTED_ENCODINGS, ImageDecodeError, PreprocessConfig, decode_compressed, image_to_rgb
-from theia_ros.node_main import declare, forward_python_logging, run_node
-from theia_ros.stats import LogThrottle, SequenceGapCounter, StageStats
-from theia_ros.sync import FrameSynchronizer
+from theia_ros.preprocess import PreprocessConfig
+from theia_ros.images import SUPPORTED_ENCODINGS, ImageDecodeError, decode_compressed, image_to_rgb
+from theia_ros.nodes.runtime import declare, forward_python_logging, run_node
+from theia_ros.nodes.stats import LogThrottle, SequenceGapCounter, StageStats
+from theia_ros.nodes.sync import FrameSynchronizer
 
 CAMERA_STAGES = ("decode", "preprocess", "inference", "publish", "node_overhead", "age_at_publish")
 CAMERA_COUNTERS = ("frames_in", "frames_out", "dropped_superseded", "dropped_lost", "dropped_unmatched",
                    "rejected_bad_input", "errors")
-
-
-def _stamp_seconds(stamp):
-    return stamp.sec + stamp.nanosec * 1e-9
 
 
 class _Camera:
@@ -259,7 +257,7 @@ class TheiaEncoderNode(LifecycleNode):
             if rgb is None:
                 continue
             if self.synchronizer is not None:
-                matched = self.synchronizer.add(cam.name, _stamp_seconds(msg.header.stamp), (cam, msg, entered, rgb))
+                matched = self.synchronizer.add(cam.name, stamp_seconds(msg.header.stamp), (cam, msg, entered, rgb))
                 for name, dropped in self.synchronizer.dropped.items():
                     self.cameras[name].stats.counts["dropped_unmatched"] = dropped
                 if matched:
@@ -312,7 +310,7 @@ class TheiaEncoderNode(LifecycleNode):
                 for i, (cam, msg, _, _) in enumerate(batch)]
         if self.multi_pub is not None:
             multi = MultiCameraFeatures(cameras=msgs)
-            stamps = [_stamp_seconds(m.header.stamp) for m in msgs]
+            stamps = [stamp_seconds(m.header.stamp) for m in msgs]
             newest = int(np.argmax(stamps))
             multi.header.stamp = msgs[newest].header.stamp
             multi.max_stamp_skew = float(max(stamps) - min(stamps))
@@ -334,7 +332,7 @@ class TheiaEncoderNode(LifecycleNode):
             s.latency["inference"].add(timings["inference"])
             s.latency["publish"].add((done - t_pub) / n)
             s.latency["node_overhead"].add(overhead)
-            s.latency["age_at_publish"].add(now_wall - _stamp_seconds(msg.header.stamp))
+            s.latency["age_at_publish"].add(now_wall - stamp_seconds(msg.header.stamp))
             if cam.debug_pub is not None:
                 self._maybe_publish_debug(cam, msg, features[i])
         self.node_stats.counts["batches"] += 1

@@ -18,7 +18,8 @@ def _error(message):
 
 
 def _run_encode(args) -> int:
-    from theia_ros.bags import BagError, BagReadError, encode_bag
+    from theia_ros.bags.io import BagError, BagReadError
+    from theia_ros.bags.encode import encode_bag
 
     _setup_logging()
     try:
@@ -53,7 +54,8 @@ def _print_encode_summary(result):
 
 
 def _run_inspect(args) -> int:
-    from theia_ros.bags import BagError, format_inspect, inspect_bag
+    from theia_ros.bags.io import BagError
+    from theia_ros.bags.inspect import format_inspect, inspect_bag
 
     _setup_logging()
     try:
@@ -68,8 +70,8 @@ def _run_inspect(args) -> int:
 
 
 def _run_train(args) -> int:
-    from theia_ros.bag_train import TrainError, _parse_params, train_policy
-    from theia_ros.bags import BagError
+    from theia_ros.bags.train_policy import TrainError, _parse_params, train_policy
+    from theia_ros.bags.io import BagError
 
     _setup_logging()
     try:
@@ -89,8 +91,8 @@ def _run_train(args) -> int:
 
 
 def _run_record(args) -> int:
-    from theia_ros.bag_recorder import record
-    from theia_ros.bags import BagError
+    from theia_ros.nodes.recorder import record
+    from theia_ros.bags.io import BagError
 
     _setup_logging()
     try:
@@ -103,7 +105,8 @@ def _run_record(args) -> int:
 
 
 def add_parser(subparsers):
-    from theia_ros.bags import BAG_VERSIONS, DEFAULT_MODEL, STORAGES
+    from theia_ros.bags.io import BAG_VERSIONS, STORAGES
+    from theia_ros.bags.encode import DEFAULT_MODEL
 
     p = subparsers.add_parser(
         "encode-bag", help="encode the camera topics of a rosbag2 bag into Theia features (new bag)",

@@ -56,7 +56,7 @@ def run_node(node_class, argv=None, *, on_start=None, spin=None, on_exit=None):
     import rclpy
     from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 
-    from theia_ros.ros_env import use_package_fastdds_profile
+    from theia_ros.nodes.environment import use_package_fastdds_profile
 
     faulthandler.enable()  # a crash in native code (DDS, torch, MuJoCo) leaves a Python traceback in the log
     use_package_fastdds_profile()

@@ -5,10 +5,29 @@ import time
 import torch
 
 from theia_ros.backends import create_backend
-from theia_ros.model import load_model
+from theia_ros.encoder.model import load_model
 from theia_ros.preprocess import to_model_input
 
 log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "theaiinstitute/theia-tiny-patch16-224-cddsv"
+#: How the encoder runs unless told otherwise: the one place for these defaults. The encoder node's
+#: parameters, the CLI's shared encoder options (encode-bag, export, bench) and FeatureEncoder.load
+#: take them from here. threads 0 keeps torch's own default.
+ENCODER_DEFAULTS = {
+    "model": DEFAULT_MODEL,
+    "seed": 0,
+    "backend": "auto",
+    "precision": "fp32",
+    "device": "auto",
+    "max_batch": 4,
+    "representation": "tokens",
+    "output_dtype": "float32",
+    "threads": 0,
+}
+BACKEND_CHOICES = ("auto", "torch", "onnxruntime", "tensorrt")
+PRECISION_CHOICES = ("fp32", "fp16", "bf16")
+OUTPUT_DTYPE_CHOICES = ("float32", "float16")
 
 
 class FeatureEncoder:

@@ -1,25 +1,17 @@
 """Process environment for everything theia_ros starts (no rclpy import here)."""
 import os
-from pathlib import Path
+
+from theia_ros.resources import find_package_file
 
 PROFILE_ENV = "FASTRTPS_DEFAULT_PROFILES_FILE"
 PROFILE_NAME = "fastdds.xml"
 
 
 def fastdds_profile_path():
-    """Path of the package's Fast DDS profile: the source tree's, else the installed share/ one."""
-    source = Path(__file__).resolve().parent.parent / "config" / PROFILE_NAME
-    if source.is_file():
-        return str(source)
-    try:
-        from ament_index_python.packages import get_package_share_directory
-
-        installed = Path(get_package_share_directory("theia_ros")) / "config" / PROFILE_NAME
-        if installed.is_file():
-            return str(installed)
-    except Exception:  # no ament index (plain pip install): run with Fast DDS's defaults
-        pass
-    return None
+    """Path of the package's Fast DDS profile (source tree or installed share/), or None: then Fast DDS's
+    defaults apply."""
+    path = find_package_file(f"config/{PROFILE_NAME}")
+    return str(path) if path else None
 
 
 def use_package_fastdds_profile(environ=os.environ):

@@ -42,7 +42,8 @@ def _run_export(args) -> int:
     import torch
 
     from theia_ros.backends import BackendError, create_backend
-    from theia_ros.model import CheckpointError, load_model
+    from theia_ros.weights import CheckpointError
+    from theia_ros.encoder.model import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -84,7 +85,8 @@ def _run_bench(args) -> int:
     import torch
 
     from theia_ros.backends.bench import available_cases, environment_summary, markdown_table, run_bench
-    from theia_ros.model import CheckpointError, load_model
+    from theia_ros.weights import CheckpointError
+    from theia_ros.encoder.model import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,6 +1,6 @@
 """`theia-ros` command line: one entry point, one sub-command per module.
 
-Each sub-command lives next to the code it drives and registers itself through a function
+Each verb group is a module of theia_ros.cli that registers itself through a function
 `add_parser(subparsers)` that sets `func` on its parser; this file only lists them.
 """
 import argparse
@@ -9,12 +9,12 @@ import sys
 
 # module path of each sub-command provider, in the order `--help` lists them
 SUBCOMMAND_MODULES = [
-    "theia_ros.model_cli",
-    "theia_ros.backends_cli",
-    "theia_ros.bag_cli",
-    "theia_ros.distill_cli",
-    "theia_ros.bringup",
-    "theia_ros.collect_cli",
+    "theia_ros.cli.model",
+    "theia_ros.cli.backends",
+    "theia_ros.cli.bags",
+    "theia_ros.cli.distill",
+    "theia_ros.cli.bringup",
+    "theia_ros.cli.collect",
 ]
 
 

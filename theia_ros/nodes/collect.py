@@ -21,7 +21,6 @@ for an episode to end), ExpertNode, EpisodeRecorder.
 """
 import json
 import struct
-import sys
 import time
 from pathlib import Path
 
@@ -54,7 +53,7 @@ class SimClient:
         from std_msgs.msg import String
         from std_srvs.srv import Trigger
 
-        from theia_ros.sim_node import LATCHED, STATUS_TOPIC
+        from theia_ros.nodes.theia_sim import LATCHED, STATUS_TOPIC
 
         self.node, self.executor = node, executor
         self.status = None
@@ -140,7 +139,7 @@ class ExpertNode:
         from std_msgs.msg import Float64MultiArray, String
 
         from theia_ros.sim import ReachExpert, Simulation
-        from theia_ros.sim_node import LATCHED, STATUS_TOPIC
+        from theia_ros.nodes.theia_sim import LATCHED, STATUS_TOPIC
 
         self.node = rclpy.create_node(node_name, context=context,
                                       parameter_overrides=[Parameter("use_sim_time", value=True)])
@@ -181,7 +180,7 @@ class EpisodeRecorder:
     def __init__(self, node, topics, storage="mcap", version=9):
         from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
-        from theia_ros.bag_recorder import message_class
+        from theia_ros.nodes.recorder import message_class
 
         self.node = node
         self.topics = dict(topics)
@@ -199,7 +198,7 @@ class EpisodeRecorder:
                                      lambda data, t=topic, m=msgtype: self._on_message(t, m, data), qos, raw=True)
 
     def start(self, path, start_sim_time, overwrite=False):
-        from theia_ros.bag_recorder import BagRecorder
+        from theia_ros.bags.record import BagRecorder
 
         self.bag = BagRecorder(path, storage=self.storage, version=self.version, overwrite=overwrite)
         for topic, msgtype in self.topics.items():
@@ -239,8 +238,8 @@ def collect(out, episodes, *, seed=0, duration=4.0, cameras=("front",), width=22
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.parameter import Parameter
 
-    from theia_ros.bringup import Graph, apply_overrides
-    from theia_ros.ros_env import use_package_fastdds_profile
+    from theia_ros.nodes.graph import Graph, apply_overrides
+    from theia_ros.nodes.environment import use_package_fastdds_profile
 
     use_package_fastdds_profile()
     out = Path(out)
@@ -313,41 +312,3 @@ def collect(out, episodes, *, seed=0, duration=4.0, cameras=("front",), width=22
     return summary
 
 
-def _run(args):
-    try:
-        summary = collect(args.output, args.episodes, seed=args.seed, duration=args.duration, cameras=args.cameras,
-                          width=args.width, height=args.height, camera_rate=args.camera_rate,
-                          real_time_factor=args.real_time_factor, storage=args.storage, overrides=args.set or [],
-                          expert_rate=args.expert_rate, overwrite=args.overwrite, start_sim=not args.no_sim)
-    except (FileExistsError, RuntimeError, TimeoutError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    print(f"{summary['successes']}/{len(summary['episodes'])} expert episodes succeeded, in "
-          f"{summary['seconds']:.1f} s; summary: {Path(args.output) / 'summary.json'}")
-    return 0
-
-
-def add_parser(subparsers):
-    import argparse
-
-    p = subparsers.add_parser("collect", help="record expert demonstrations in the simulator (one bag per episode)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("output", metavar="OUT", help="directory for the episode bags and summary.json")
-    p.add_argument("--episodes", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0, help="seed of the first episode; then seed+1, ... (default 0)")
-    p.add_argument("--duration", type=float, default=4.0, help="seconds of simulation time per episode (default 4)")
-    p.add_argument("--cameras", nargs="+", default=["front"], help="cameras to publish and record (front, wrist)")
-    p.add_argument("--width", type=int, default=224)
-    p.add_argument("--height", type=int, default=224)
-    p.add_argument("--camera-rate", type=float, default=15.0, help="frames per second per camera (default 15)")
-    p.add_argument("--real-time-factor", type=float, default=1.0,
-                   help="simulation speed; >1 records faster than real time, 0 as fast as possible (default 1)")
-    p.add_argument("--expert-rate", type=float, default=20.0, help="expert command rate, Hz (default 20)")
-    p.add_argument("--storage", default="mcap", choices=("mcap", "sqlite3"))
-    p.add_argument("--set", action="append", metavar="theia_sim.PARAM=VALUE", help="simulator parameter")
-    p.add_argument("--no-sim", action="store_true", help="use an already running theia_sim")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT, replacing episode bags")
-    p.set_defaults(func=_run)

@@ -30,6 +30,7 @@ import sys
 import time
 
 import rclpy
+from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
@@ -41,8 +42,9 @@ from std_msgs.msg import Float64MultiArray, String
 from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
-from theia_ros.node_main import declare, run_node
-from theia_ros.stats import LatencyWindow, LogThrottle, RateMeter
+from theia_ros.stamps import sec_nanosec
+from theia_ros.nodes.runtime import declare, run_node
+from theia_ros.nodes.stats import LatencyWindow, LogThrottle, RateMeter
 
 STATUS_TOPIC = "sim/episode"
 LATCHED = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
@@ -50,10 +52,8 @@ LATCHED = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=Relia
 
 
 def to_stamp(seconds):
-    from builtin_interfaces.msg import Time
-
-    ns = int(round(seconds * 1e9))
-    return Time(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
+    sec, nanosec = sec_nanosec(seconds)
+    return Time(sec=sec, nanosec=nanosec)
 
 
 def camera_info(width, height, fovy_deg, frame_id):

@@ -14,7 +14,7 @@ from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy, HistoryPolicy
 from sensor_msgs.msg import CompressedImage, Image
 
-from theia_ros.node_main import run_node
+from theia_ros.nodes.runtime import run_node
 
 
 def render_frames(width, height, count, seed=0):

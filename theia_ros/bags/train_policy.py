@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from theia_ros.bags import FEATURES_TYPE, BagError, deserialize, open_reader, stamp_ns
+from theia_ros.bags.io import FEATURES_TYPE, BagError, deserialize, open_reader
+from theia_ros.stamps import stamp_ns
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def _sorted(stamps, *values):
 def read_bag(path, *, features_topics=None, action_topic, action_type="auto", action_joints=None,
              proprio_topic=None, proprio_joints=None, stamp="header") -> _BagData:
     """Read the feature, action and proprio streams of one bag (see module doc)."""
-    from theia_ros.bags import features_summary
+    from theia_ros.bags.inspect import features_summary
     from theia_ros.features import features_to_numpy
 
     reader = open_reader(path, salvage=True)

@@ -19,28 +19,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
-import struct
-import threading
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from torch import nn
 
-from .hashing import sha256_file
-from .preprocess import PreprocessConfig, to_model_input
+from theia_ros.representations import REPRESENTATIONS
+from theia_ros.weights import (FLOAT_DTYPES, CheckpointError, check_checkpoint_shapes, file_sha256, names_listing,
+                               read_safetensors_header)
+from theia_ros.preprocess import PreprocessConfig, to_model_input
 
 __all__ = [
     "VARIANTS",
-    "REPRESENTATIONS",
     "BACKBONES",
     "TEACHER_FEATURE_SIZES",
     "HUB_ORGANISATION",
-    "CheckpointError",
     "TheiaConfig",
     "LConvHead",
     "TheiaModel",
@@ -51,15 +48,11 @@ __all__ = [
     "head_module_name",
     "module_key_to_checkpoint_key",
     "expected_checkpoint_shapes",
-    "read_safetensors_header",
-    "check_checkpoint_shapes",
-    "file_sha256",
 ]
 
 HUB_ORGANISATION = "theaiinstitute"
 VARIANTS = tuple(f"theia-{size}-patch16-224-{teachers}"
                  for size in ("tiny", "small", "base") for teachers in ("cdiv", "cddsv"))
-REPRESENTATIONS = ("tokens", "cls", "mean", "max", "all_tokens", "spatial")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,10 +101,6 @@ _TEACHER_SHORT_NAMES = {  # friendly aliases accepted by forward(teachers=...)
     "sam": "facebook/sam-vit-huge",
     "depth_anything": "LiheYoung/depth-anything-large-hf",
 }
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be found, read, or does not match the Theia layout."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -404,106 +393,6 @@ def checkpoint_key_order(config: TheiaConfig) -> List[str]:
 # safetensors: header-only reading, strict checking, hashing
 # --------------------------------------------------------------------------------------------
 
-_ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
-
-
-def read_safetensors_header(path: Union[str, Path]) -> Dict[str, Tuple[str, Tuple[int, ...]]]:
-    """Key -> (dtype, shape) from a .safetensors file's header, without reading the tensors.
-
-    Checks that the header parses and that every tensor's bytes lie inside the file (a truncated
-    download fails here).  Raises :class:`CheckpointError` naming the path.
-    """
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < 8:
-                raise CheckpointError(f"corrupt or truncated safetensors file {path}: only {size} bytes")
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len > size - 8 or header_len > 100 * 2**20:
-                raise CheckpointError(
-                    f"corrupt or truncated safetensors file {path}: header of {header_len} bytes in a {size}-byte file")
-            raw = f.read(header_len)
-    except FileNotFoundError:
-        raise CheckpointError(f"missing weights file {path}") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"weights path {path} is a directory, expected a .safetensors file") from None
-    except OSError as exc:
-        raise CheckpointError(f"cannot read weights file {path}: {exc}") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except ValueError as exc:
-        raise CheckpointError(f"corrupt safetensors file {path}: unparsable header ({exc})") from None
-    data_len = size - 8 - header_len
-    out = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
-            nbytes = _ST_DTYPES[dtype] * math.prod(shape)
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"corrupt safetensors file {path}: bad header entry for {key!r}: {info!r}") from None
-        if not (0 <= begin <= end) or end - begin != nbytes:
-            raise CheckpointError(f"corrupt safetensors file {path}: bad data offsets for {key!r}")
-        if end > data_len:
-            raise CheckpointError(
-                f"truncated safetensors file {path}: tensor {key!r} ends at byte {end} of {data_len} data bytes")
-        out[key] = (dtype, shape)
-    return out
-
-
-def _listing(names: Sequence[str], limit: int = 12) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
-
-
-def shape_mismatches(expected: Mapping[str, Sequence[int]], found: Mapping[str, Sequence[int]]) -> List[str]:
-    """Strict comparison of key -> shape maps: one line each for the missing, unexpected and
-    mis-shaped keys (naming them); empty when the maps agree."""
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    misshaped = [f"{k} (checkpoint {'x'.join(map(str, found[k])) or 'scalar'}, "
-                 f"expected {'x'.join(map(str, expected[k])) or 'scalar'})"
-                 for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): {_listing(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {_listing(unexpected)}")
-    if misshaped:
-        problems.append(f"{len(misshaped)} mis-shaped key(s): {_listing(misshaped)}")
-    return problems
-
-
-def check_checkpoint_shapes(expected: Mapping[str, Tuple[int, ...]], found: Mapping[str, Tuple[int, ...]],
-                            where: str = "checkpoint") -> None:
-    """CheckpointError naming every missing, unexpected or mis-shaped key of a Theia checkpoint."""
-    problems = shape_mismatches(expected, found)
-    if problems:
-        raise CheckpointError(f"{where} does not match the expected Theia layout: " + "; ".join(problems))
-
-
-_HASH_CACHE: Dict[tuple, str] = {}
-_HASH_LOCK = threading.Lock()
-
-
-def file_sha256(path: Union[str, Path], chunk_size: int = 4 * 2**20) -> str:
-    """Hex sha256 of a file's bytes, read in chunks; cached per (path, size, mtime, inode)."""
-    path = Path(path)
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
-    with _HASH_LOCK:
-        if key in _HASH_CACHE:
-            return _HASH_CACHE[key]
-    hexdigest = sha256_file(path, chunk_size)
-    with _HASH_LOCK:
-        _HASH_CACHE[key] = hexdigest
-    return hexdigest
-
 
 # --------------------------------------------------------------------------------------------
 # The model
@@ -756,7 +645,7 @@ def _materialise(model: TheiaModel, tensors: Mapping[str, torch.Tensor], dtype: 
     model.load_state_dict(state, strict=True, assign=True)
     left = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:  # every tensor must come from the checkpoint
-        raise CheckpointError(f"{model.model_id}: tensors not set by the checkpoint: {_listing(left)}")
+        raise CheckpointError(f"{model.model_id}: tensors not set by the checkpoint: {names_listing(left)}")
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
@@ -884,9 +773,9 @@ def load_model(source: Union[str, os.PathLike], device: Union[str, torch.device]
     model = _build_empty(config, model_id=model_id)
     expected = model.checkpoint_shapes()
     check_checkpoint_shapes(expected, {k: shape for k, (_, shape) in header.items()}, where=str(weights))
-    bad_dtypes = [f"{k} ({dt})" for k, (dt, _) in header.items() if dt not in _FLOAT_DTYPES]
+    bad_dtypes = [f"{k} ({dt})" for k, (dt, _) in header.items() if dt not in FLOAT_DTYPES]
     if bad_dtypes:
-        raise CheckpointError(f"{weights}: non-floating-point tensors: {_listing(bad_dtypes)}")
+        raise CheckpointError(f"{weights}: non-floating-point tensors: {names_listing(bad_dtypes)}")
     tensors = _load_tensors(weights)
     model.weights_id = "sha256:" + file_sha256(weights)
     return _materialise(model, tensors, dtype, device)

@@ -1,0 +1,228 @@
+"""rosbag2 tools without ROS: encode camera topics of a bag into Theia features, inspect bags.
+
+Plain Python on top of the pure-Python `rosbags` library (sqlite3 and MCAP storage, rosbag2
+metadata versions 8 and 9), so it runs on a training server with no ROS installed; rclpy is not
+imported here.
+
+- :func:`encode_bag`: reads a bag, decodes its camera topics (``sensor_msgs/Image`` raw or
+  ``sensor_msgs/CompressedImage``), encodes them in batches and writes a NEW bag holding one
+  ``theia_ros/msg/Features`` topic per camera (``/front/image_raw`` -> ``/front/features``),
+  stamped like the images, plus (by default) every other topic copied byte for byte.
+  Decoding (thread), inference (caller's thread) and writing (thread) overlap.
+- :func:`inspect_bag`: topics, types, counts, rates, gaps, and what the feature topics hold.
+- :func:`typestore`: the rosbags type store with the Jazzy types and this package's messages.
+
+Bag timestamps ("receive time", the ``timestamp`` column of rosbag2) and header stamps are
+integers in nanoseconds here.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import shutil
+from pathlib import Path
+
+
+from theia_ros.resources import package_file
+
+log = logging.getLogger(__name__)
+
+FEATURES_TYPE = "theia_ros/msg/Features"
+MULTI_FEATURES_TYPE = "theia_ros/msg/MultiCameraFeatures"
+IMAGE_TYPE = "sensor_msgs/msg/Image"
+COMPRESSED_IMAGE_TYPE = "sensor_msgs/msg/CompressedImage"
+CAMERA_TYPES = (IMAGE_TYPE, COMPRESSED_IMAGE_TYPE)
+STORAGES = ("mcap", "sqlite3")
+#: rosbag2 metadata versions rosbags writes: 9 (Jazzy and newer), 8 (Iron; readable by Humble's
+#: sqlite3 plugin as far as we know, see docs/bags.md)
+BAG_VERSIONS = (9, 8)
+CUSTOM_DATA_KEY = "theia_ros.encode_bag"
+
+
+class BagError(RuntimeError):
+    """A bag cannot be used as asked (missing, not a bag, output exists, no camera topics...)."""
+
+
+class BagReadError(BagError):
+    """The input bag is corrupt or truncated (raised after the readable part was processed)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Types
+
+
+def msg_definition_text(name: str) -> str:
+    """Text of msg/<name>.msg of this package (source tree, else an installed share/theia_ros/msg)."""
+    try:
+        return package_file(f"msg/{name}.msg").read_text()
+    except FileNotFoundError as exc:
+        raise BagError(str(exc)) from None
+
+
+@functools.lru_cache(maxsize=1)
+def typestore():
+    """rosbags type store: ROS 2 Jazzy's standard types plus theia_ros/msg/{Features,MultiCameraFeatures}."""
+    from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+
+    store = get_typestore(Stores.ROS2_JAZZY)
+    types = {}
+    for name in ("Features", "MultiCameraFeatures"):
+        types.update(get_types_from_msg(msg_definition_text(name), f"theia_ros/msg/{name}"))
+    store.register(types)
+    return store
+
+
+def _ensure_type(store, conn) -> bool:
+    """Register `conn`'s type from the definition stored in the bag when the store lacks it."""
+    if conn.msgtype in store.types:
+        return True
+    data = getattr(conn.msgdef, "data", "") or ""
+    if not data:
+        return False
+    from rosbags.typesys import get_types_from_msg
+
+    try:
+        sep = "=" * 80 + "\n"
+        parts = data.split(sep)
+        types = get_types_from_msg(parts[0], conn.msgtype)
+        for part in parts[1:]:
+            header, _, text = part.partition("\n")
+            if header.startswith("MSG: "):
+                name = header[5:].strip()
+                if "/msg/" not in name:
+                    name = name.replace("/", "/msg/", 1)
+                types.update(get_types_from_msg(text, name))
+        store.register(types)
+    except Exception as exc:  # rosbags raises several parser error types
+        log.warning("cannot register type %s from the bag's definition: %s", conn.msgtype, exc)
+        return False
+    return conn.msgtype in store.types
+
+
+def deserialize(raw, msgtype: str):
+    return typestore().deserialize_cdr(raw, msgtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening bags
+
+
+def open_reader(path, *, salvage=False):
+    """An opened rosbags rosbag2 Reader for a bag directory, or a single .mcap / .db3 file.
+
+    Raises :class:`BagError` with a hint when `path` is not a readable bag. With `salvage`, a
+    damaged bag (truncated MCAP without footer, sqlite3 file with damaged pages, missing
+    metadata.yaml) is opened with a reader of :mod:`theia_ros.bag_salvage` instead, whose
+    ``salvage_reason`` says what is wrong; its messages end with an error where the damage starts.
+    """
+    from rosbags.rosbag2 import Reader
+
+    path = Path(path)
+    if not path.exists():
+        raise BagError(f"input bag {path} does not exist")
+    if path.is_dir() and not (path / "metadata.yaml").exists():
+        files = sorted(p.name for p in path.iterdir() if p.suffix in (".mcap", ".db3"))
+        if not files:
+            raise BagError(f"{path} is not a rosbag2 bag: no metadata.yaml, no .mcap or .db3 file")
+        reason = (f"{path} has no metadata.yaml (a recording that was killed leaves none; `ros2 bag reindex` "
+                  "restores it)")
+        if salvage:
+            return _salvage(path, reason, None)
+        raise BagError(f"{reason}; it holds {', '.join(files)}: pass that file itself")
+    try:
+        reader = Reader(path)
+        reader.open()
+    except Exception as exc:  # rosbags ReaderError, apsw (sqlite3) and yaml errors
+        reason = f"cannot read bag {path}: {type(exc).__name__}: {exc}"
+        if salvage:
+            return _salvage(path, reason, exc)
+        raise BagReadError(f"{reason} (corrupt or truncated? `ros2 bag reindex` or `mcap recover` may repair "
+                           "it)") from exc
+    return reader
+
+
+def _salvage(path, reason, exc):
+    from theia_ros.bags.salvage import SalvageError, open_salvage
+
+    try:
+        reader = open_salvage(path)
+    except (SalvageError, OSError) as err:
+        raise BagReadError(f"{reason}; nothing readable in it either ({err})") from (exc or err)
+    if reader is None or not reader.connections:
+        raise BagReadError(f"{reason}; no topic could be recovered from it") from exc
+    reader.salvage_reason = reason
+    log.warning("%s: reading what is readable (%s)", reason,
+                f"damage: {reader.damage}" if reader.damage else "file order")
+    return reader
+
+
+def storage_of(reader) -> str:
+    """'mcap' or 'sqlite3': the storage plugin of an opened rosbags Reader."""
+    if hasattr(reader, "storage_name"):
+        return reader.storage_name
+    storage = getattr(reader, "storage", None)
+    inner = getattr(storage, "storages", None)
+    name = type(inner[0] if inner else storage).__name__.lower()
+    return "mcap" if "mcap" in name else "sqlite3" if "sqlite" in name else name
+
+
+def custom_data_of(reader) -> dict:
+    """The bag's custom_data (metadata.yaml), {} when none."""
+    try:
+        return dict(reader.storage.metadata.custom or {})
+    except Exception:
+        return {}
+
+
+def _make_writer(path: Path, storage: str, version: int):
+    from rosbags.rosbag2 import StoragePlugin, Writer
+
+    if storage not in STORAGES:
+        raise BagError(f"unknown storage {storage!r}; use one of {', '.join(STORAGES)}")
+    if version not in BAG_VERSIONS:
+        raise BagError(f"rosbag2 metadata version {version} cannot be written; use one of {BAG_VERSIONS}")
+    plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
+    return Writer(path, version=version, storage_plugin=plugin)
+
+
+def _looks_like_bag_dir(path: Path) -> bool:
+    if not path.is_dir():
+        return False
+    entries = list(path.iterdir())
+    if not entries:
+        return True
+    names = {p.name for p in entries}
+    return "metadata.yaml" in names or any(p.suffix in (".mcap", ".db3", ".zstd") for p in entries)
+
+
+def prepare_output(out: Path, inputs, overwrite: bool) -> None:
+    """Refuse to clobber OUT unless `overwrite`; never delete an input or a non-bag directory."""
+    out = Path(out)
+    for src in inputs:
+        src = Path(src).resolve()
+        if out.resolve() == src or src.is_relative_to(out.resolve()):
+            raise BagError(f"output {out} is (or contains) the input bag {src}")
+    if not out.exists() and not out.is_symlink():
+        return
+    if not overwrite:
+        raise BagError(f"output {out} exists; pass --overwrite to replace it")
+    if out.is_symlink() or out.is_file():
+        raise BagError(f"output {out} exists and is not a bag directory; not replacing it")
+    if not _looks_like_bag_dir(out):
+        raise BagError(f"output {out} exists and does not look like a rosbag2 bag (no metadata.yaml, .mcap or "
+                       ".db3); not deleting it")
+    shutil.rmtree(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Camera topics
+
+
+# ---------------------------------------------------------------------------------------------
+# encode-bag
+
+
+# ---------------------------------------------------------------------------------------------
+# inspect
+
+

@@ -1,0 +1,112 @@
+"""`theia-ros bringup`: start the theia_ros graph from a ROS parameters YAML, without `ros2 launch`.
+
+Where ROS 2 is installed, `ros2 launch theia_ros theia_graph.launch.py` starts the same nodes from
+the same YAML. This command exists because `launch`/`launch_ros` are not on PyPI: it starts each
+node section of the YAML (`synthetic_camera`, `theia_encoder`, `theia_policy`) as its own process
+with `--ros-args --params-file`, watches /diagnostics, prints live rates and latencies, and stops
+everything cleanly after `--duration` seconds or on Ctrl-C, ending with a summary.
+"""
+import signal
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from theia_ros.nodes.graph import Graph, apply_overrides
+from theia_ros.nodes.monitor import Monitor
+from theia_ros.resources import package_file
+
+
+def summary(monitor, elapsed):
+    rows = [("run time", f"{elapsed:.1f} s"), ("features received", monitor.features),
+            ("commands received", monitor.commands)]
+    p = monitor.e2e.percentiles_ms()
+    clock = " (sim time, /clock at 100 Hz)" if monitor.sim_time else ""
+    rows.append((f"camera stamp -> features received{clock}", f"p50 {p[50]:.1f} ms, p99 {p[99]:.1f} ms"))
+    if monitor.episodes:
+        # the last episode is cut short by the end of the run unless it already succeeded
+        ended = sorted(monitor.episodes)[:-1] + [e for e in sorted(monitor.episodes)[-1:] if monitor.episodes[e]]
+        wins = sum(monitor.episodes[e] for e in ended)
+        rate = f"{wins / len(ended):.0%}" if ended else "n/a"
+        rows.append(("simulator episodes ended / succeeded / success rate", f"{len(ended)} / {wins} / {rate}"))
+    random = False
+    for name, values in sorted(monitor.status.items()):
+        if name.startswith("theia_sim"):
+            rates = ", ".join(f"{k[:-3]} {v} Hz" for k, v in values.items() if k.endswith("_hz"))
+            rejected = sum(int(v) for k, v in values.items() if k.startswith("rejected_") and v.isdigit())
+            rows.append((f"{name}: cameras / real-time factor / rejected commands",
+                         f"{rates} / {values.get('real_time_factor', '?')} / {rejected}"))
+        if "camera" in name and name.startswith("theia_encoder"):
+            rows.append((f"{name}: frames in / encoded / dropped / bad", " / ".join(
+                values.get(k, "?") for k in ("frames_in", "frames_out", "dropped_superseded", "rejected_bad_input"))))
+            rows.append((f"{name}: inference / node overhead p50", f"{values.get('inference_ms_p50')} ms / "
+                         f"{values.get('node_overhead_ms_p50')} ms"))
+        if name.endswith(": encoder"):
+            random = random or values.get("random_weights") == "True"
+        if name.endswith(": policy"):
+            rows.append((f"{name}: commands / rejected / clamped", " / ".join(
+                values.get(k, "?") for k in ("commands", "rejected_actions", "clamped_position"))))
+            rows.append((f"{name}: act p50", f"{values.get('act_ms_p50')} ms"))
+    width = max(len(r[0]) for r in rows)
+    lines = ["", "theia_ros bring-up summary" + (" [encoder with RANDOM WEIGHTS]" if random else "")]
+    lines += [f"  {k.ljust(width)}  {v}" for k, v in rows]
+    return "\n".join(lines)
+
+
+def run(args):
+    from theia_ros.nodes.environment import use_package_fastdds_profile
+
+    use_package_fastdds_profile()
+    path = Path(args.params) if args.params else (package_file("config/demo.yaml") if args.demo else None)
+    if path is None:
+        print("bringup: give a parameters YAML or --demo", file=sys.stderr)
+        return 2
+    params = yaml.safe_load(path.read_text()) or {}
+    overrides = list(args.set or [])
+    if args.model:
+        overrides.append(f"theia_encoder.model={args.model}")
+    apply_overrides(params, overrides)
+    model = params.get("theia_encoder", {}).get("ros__parameters", {}).get("model", "")
+    print(f"[bringup] starting {', '.join(params)} from {path}")
+    if str(model).startswith("random:"):
+        print(f"[bringup] RANDOM WEIGHTS ({model}): a demo of the plumbing, not of Theia's features. "
+              "Pass --model <checkpoint dir or hub id> for real weights.")
+    graph = Graph(params)
+    monitor = Monitor(params)
+    graph.start()
+    start = time.monotonic()
+    interrupted = False
+    failed = {}
+    try:
+        while args.duration <= 0 or time.monotonic() - start < args.duration:
+            monitor.spin_for(min(2.0, max(args.duration - (time.monotonic() - start), 0.05))
+                             if args.duration > 0 else 2.0)
+            print(f"[bringup {time.monotonic() - start:5.1f} s] {monitor.line()}", flush=True)
+            failed = graph.dead()
+            if failed:
+                print(f"[bringup] node(s) exited early: {failed}", file=sys.stderr)
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+    elapsed = time.monotonic() - start
+    codes = graph.stop()
+    monitor.spin_for(0.2)
+    print(summary(monitor, elapsed), flush=True)
+    monitor.close()
+    bad = {k: v for k, v in codes.items() if v not in (0, -signal.SIGINT)}
+    if failed or bad:
+        print(f"[bringup] exit codes: {codes}", file=sys.stderr)
+        return 1
+    return 130 if interrupted else 0
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser("bringup", help="start the graph (camera, encoder, policy) from a YAML",
+                              description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    p.add_argument("params", nargs="?", help="ROS parameters YAML with a section per node")
+    p.add_argument("--demo", action="store_true", help="use the embedded defaults (config/demo.yaml)")
+    p.add_argument("--model", help="checkpoint directory or hub id for the encoder (overrides the YAML)")
+    p.add_argument("--set", action="append", metavar="NODE.PARAM=VALUE", help="override a parameter")
+    p.add_argument("--duration", type=float, default=0.0, help="seconds to run; 0: until Ctrl-C")
+    p.set_defaults(func=run)

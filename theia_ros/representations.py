@@ -1,0 +1,41 @@
+"""The representations the encoder publishes: one place for their names, shapes and the teacher prefix.
+
+C is the model width (192 tiny, 384 small, 768 base); the patch grid is 14x14 at 224x224.
+``teacher:<teacher id>`` names a translator head's prediction of that teacher's features.
+"""
+from __future__ import annotations
+
+#: name -> what it holds (per camera, per image)
+REPRESENTATIONS = {
+    "tokens": "[196, C] patch tokens without CLS, 14x14 grid row-major",
+    "cls": "[C] CLS token",
+    "mean": "[C] mean-pooled patch tokens",
+    "max": "[C] max-pooled patch tokens",
+    "all_tokens": "[197, C] CLS token followed by the 196 patch tokens",
+    "spatial": "[C, 14, 14] patch tokens as a map",
+}
+TEACHER_PREFIX = "teacher:"
+
+
+def is_teacher(representation: str) -> bool:
+    return representation.startswith(TEACHER_PREFIX)
+
+
+def teacher_of(representation: str) -> str:
+    """The teacher id (or alias) of ``teacher:<id>``."""
+    return representation[len(TEACHER_PREFIX):]
+
+
+def feature_shape_for(representation: str, dim: int, grid: int = 14) -> tuple[int, ...]:
+    """Per-image feature shape of ``representation`` for a model of width ``dim``."""
+    shapes = {
+        "tokens": (grid * grid, dim),
+        "all_tokens": (grid * grid + 1, dim),
+        "spatial": (dim, grid, grid),
+        "cls": (dim,),
+        "mean": (dim,),
+        "max": (dim,),
+    }
+    if representation not in shapes:
+        raise ValueError(f"no standard shape for representation {representation!r}; known: {sorted(shapes)}")
+    return shapes[representation]
