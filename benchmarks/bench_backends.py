@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from theia_ros.backends.bench import Case, environment_summary, markdown_table, run_bench  # noqa: E402
-from theia_ros.backends.torch_backend import cpu_has_fast_bf16  # noqa: E402
-from theia_ros.encoder.model import load_model  # noqa: E402
+from theia_ros.backends.bench import Case, environment_summary, markdown_table, run_bench  # noqa: E402 (after the sys.path and environment set-up above)
+from theia_ros.backends.torch_backend import cpu_has_fast_bf16  # noqa: E402 (after the sys.path and environment set-up above)
+from theia_ros.encoder.model import load_model  # noqa: E402 (after the sys.path and environment set-up above)
 
 TARGET_SPEEDUP = 1.15  # best accurate (cosine >= 0.9999) fp32 CPU backend vs eager fp32 torch, batch 1
 

@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from theia_ros.encoder.model import load_model  # noqa: E402
-from theia_ros.preprocess import to_model_input  # noqa: E402
+from theia_ros.encoder.model import load_model  # noqa: E402 (after the sys.path and environment set-up above)
+from theia_ros.preprocess import to_model_input  # noqa: E402 (after the sys.path and environment set-up above)
 
 PREPROCESS_BUDGET_MS = 0.5
 EFFICIENCY_BUDGET = 0.6
@@ -45,6 +45,45 @@ def stats_ms(samples):
     return float(np.median(a)), float(np.percentile(a, 90))
 
 
+def _measure(model, frame, batch, gemms, rounds):
+    """Interleaved rounds: preprocessing, model-shaped GEMMs (the round's peak) and forward_feature.
+    Returns the samples (seconds), per-GEMM samples and per-round peak and efficiencies."""
+    flops = model.flops_per_image()
+    gemm_inputs = [(torch.randn(a, k), torch.randn(k, n)) for a, k, n in gemms]
+    # warm-up
+    for _ in range(20):
+        to_model_input(frame)
+    for b in (1, 4):
+        for _ in range(3):
+            model.forward_feature(batch[b])
+    model.forward_feature(frame)
+    for a, bm in gemm_inputs:
+        for _ in range(5):
+            torch.mm(a, bm)
+
+    samples = {"pre": [], "b1": [], "b4": [], "e2e": []}
+    gemm_samples = [[] for _ in gemms]
+    round_eff1, round_eff4, round_peak = [], [], []
+    for _ in range(rounds):
+        samples["pre"] += timed(lambda: to_model_input(frame), 40)
+        peak_r = 0.0
+        for i, ((a, k, n), (x, y)) in enumerate(zip(gemms, gemm_inputs)):
+            s = timed(lambda: torch.mm(x, y), 15)
+            gemm_samples[i] += s
+            peak_r = max(peak_r, 2 * a * k * n / np.median(s) / 1e9)
+        b1_r = timed(lambda: model.forward_feature(batch[1]), 3)
+        b4_r = timed(lambda: model.forward_feature(batch[4]), 2)
+        samples["b1"] += b1_r
+        samples["b4"] += b4_r
+        samples["e2e"] += timed(lambda: model.forward_feature(frame), 2)
+        # efficiency against the peak measured in the same round: a neighbour's load that comes
+        # and goes then slows both sides of the ratio alike
+        round_peak.append(peak_r)
+        round_eff1.append(flops / np.median(b1_r) / 1e9 / peak_r)
+        round_eff4.append(4 * flops / np.median(b4_r) / 1e9 / peak_r)
+    return samples, gemm_samples, round_peak, round_eff1, round_eff4
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", default="random:theia-tiny-patch16-224-cddsv")
@@ -62,50 +101,18 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     frame = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
     batch = {b: rng.integers(0, 256, (b, 224, 224, 3), dtype=np.uint8) for b in (1, 4)}
-
     m = 4 * tokens  # GEMM shapes of the model at batch 4: q/k/v/out projections, MLP fc1, MLP fc2
     gemms = [(m, hidden, hidden), (m, hidden, model.spec.intermediate_size), (m, model.spec.intermediate_size, hidden)]
-    gemm_inputs = [(torch.randn(a, k), torch.randn(k, n)) for a, k, n in gemms]
 
-    print(f"# Theia encoder CPU benchmark\n")
+    print("# Theia encoder CPU benchmark\n")
     print(f"model: {info['variant']} ({args.source}; weights {info['weights_id']}"
           f"{', random weights: same speed as real ones' if info['random_weights'] else ''})")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, fp32, "
           f"attention {model.backbone.config._attn_implementation}, mkldnn {torch.backends.mkldnn.is_available()}")
     print(f"model FLOPs per 224 image (2 x MACs, backbone): {flops / 1e9:.3f} GFLOP\n")
 
-    # warm-up
-    for _ in range(20):
-        to_model_input(frame)
-    for b in (1, 4):
-        for _ in range(3):
-            model.forward_feature(batch[b])
-    model.forward_feature(frame)
-    for a, bm in gemm_inputs:
-        for _ in range(5):
-            torch.mm(a, bm)
-
     load_before = os.getloadavg()[0]
-    samples = {"pre": [], "b1": [], "b4": [], "e2e": []}
-    gemm_samples = [[] for _ in gemms]
-    round_eff1, round_eff4, round_peak = [], [], []
-    for _ in range(args.rounds):
-        samples["pre"] += timed(lambda: to_model_input(frame), 40)
-        peak_r = 0.0
-        for i, ((a, k, n), (x, y)) in enumerate(zip(gemms, gemm_inputs)):
-            s = timed(lambda: torch.mm(x, y), 15)
-            gemm_samples[i] += s
-            peak_r = max(peak_r, 2 * a * k * n / np.median(s) / 1e9)
-        b1_r = timed(lambda: model.forward_feature(batch[1]), 3)
-        b4_r = timed(lambda: model.forward_feature(batch[4]), 2)
-        samples["b1"] += b1_r
-        samples["b4"] += b4_r
-        samples["e2e"] += timed(lambda: model.forward_feature(frame), 2)
-        # efficiency against the peak measured in the same round: a neighbour's load that comes
-        # and goes then slows both sides of the ratio alike
-        round_peak.append(peak_r)
-        round_eff1.append(flops / np.median(b1_r) / 1e9 / peak_r)
-        round_eff4.append(4 * flops / np.median(b4_r) / 1e9 / peak_r)
+    samples, gemm_samples, round_peak, round_eff1, round_eff4 = _measure(model, frame, batch, gemms, args.rounds)
     load_after = os.getloadavg()[0]
 
     gemm_gflops = [2 * a * k * n / np.median(s) / 1e9 for (a, k, n), s in zip(gemms, gemm_samples)]

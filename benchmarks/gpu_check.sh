@@ -62,7 +62,7 @@ if ! "$PY" -c "import torch, numpy, transformers, sys; sys.exit(0 if torch.cuda.
   say "FAIL: needs python3 with CUDA torch, numpy and transformers (see above); nothing to check"
   exit 2
 fi
-"$PY" -c "import theia_ros.backends, theia_ros.model" || { say "FAIL: theia_ros.backends does not import"; exit 2; }
+"$PY" -c "import theia_ros.backends.factory, theia_ros.encoder.model" || { say "FAIL: theia_ros.backends does not import"; exit 2; }
 
 if "$PY" -c "import torch_tensorrt" 2>/dev/null; then
   HAVE_TRT=1

@@ -1,4 +1,5 @@
-"""Theia encoder core (theia_ros.model): conformance, strict loading, errors, representations.
+"""Theia encoder core (theia_ros.encoder: config, checkpoint layout, hub, model): conformance, strict
+loading, errors, representations.
 
 Checkpoints are written once per session with the conformance tool
 (``<shared>/conformance/make_weights.py``); ``<shared>`` is ``$THEIA_SHARED_DIR`` or ``../shared``
@@ -18,19 +19,16 @@ import numpy as np
 import pytest
 import torch
 
-from theia_ros.cli import model as model_cli
-from theia_ros.representations import REPRESENTATIONS
-from theia_ros.encoder.model import (
-    VARIANTS,
-    TheiaModel,
+from theia_ros.encoder.checkpoint import (
     checkpoint_key_to_module_key,
     expected_checkpoint_shapes,
-    load_model,
     module_key_to_checkpoint_key,
-    variant_config,
 )
-from theia_ros.weights import CheckpointError, check_checkpoint_shapes, read_safetensors_header
+from theia_ros.encoder.config import VARIANTS, TheiaConfig, variant_config
+from theia_ros.encoder.model import TheiaModel, load_model
 from theia_ros.preprocess import to_model_input
+from theia_ros.representations import REPRESENTATIONS, select_representation
+from theia_ros.weights import CheckpointError, check_checkpoint_shapes, read_safetensors_header
 
 TINY = "theia-tiny-patch16-224-cddsv"
 GOLDEN_SEED = 2024
@@ -207,6 +205,26 @@ def test_representations(tiny_model, golden):
         tiny_model.forward_feature(images, representation="pooled")
 
 
+def test_select_representation_on_known_tokens():
+    """Every published name selects what REPRESENTATIONS says, at the shape feature_shape_for gives."""
+    from theia_ros.representations import feature_shape_for
+
+    tokens = torch.randn(2, 197, 5, generator=torch.Generator().manual_seed(0))
+    patches = tokens[:, 1:].numpy()
+    for name in REPRESENTATIONS:
+        assert select_representation(tokens, name).shape == (2, *feature_shape_for(name, 5)), name
+    np.testing.assert_array_equal(select_representation(tokens, "cls").numpy(), tokens[:, 0].numpy())
+    np.testing.assert_array_equal(select_representation(tokens, "all_tokens").numpy(), tokens.numpy())
+    np.testing.assert_array_equal(select_representation(tokens, "tokens").numpy(), patches)
+    mean = select_representation(tokens, "mean").numpy()
+    np.testing.assert_allclose(mean, patches.mean(axis=1), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(select_representation(tokens, "max").numpy(), patches.max(axis=1))
+    spatial = select_representation(tokens, "spatial").numpy()  # [B, C, row, column], patches row-major
+    np.testing.assert_array_equal(spatial[:, :, 3, 11], patches[:, 3 * 14 + 11])
+    with pytest.raises(ValueError, match="unknown representation 'pooled'"):
+        select_representation(tokens, "pooled")
+
+
 def test_pixels_api_matches_images_api(tiny_model, golden):
     images = golden["input_480x640"]
     pixels = to_model_input(images)
@@ -276,11 +294,12 @@ def test_key_mapping_is_a_bijection(variant):
     config = variant_config(variant)
     teachers = list(config["target_feature_sizes"])
     with torch.device("meta"):
-        from theia_ros.encoder.model import TheiaConfig
-
-        module_keys = set(TheiaModel(TheiaConfig.from_dict(config)).state_dict())
+        module_shapes = {k: tuple(v.shape) for k, v in TheiaModel(TheiaConfig.from_dict(config)).state_dict().items()}
     mapped = {checkpoint_key_to_module_key(k, teachers) for k in read_tsv(variant)}
-    assert mapped == module_keys
+    assert mapped == set(module_shapes)
+    # the layout computed from the config alone is the layout of the modules built from it
+    assert {checkpoint_key_to_module_key(k, teachers): shape
+            for k, shape in expected_checkpoint_shapes(variant).items()} == module_shapes
     for key in read_tsv(variant):
         assert module_key_to_checkpoint_key(checkpoint_key_to_module_key(key, teachers), teachers) == key
     assert checkpoint_key_to_module_key("backbone.model.pooler.dense.weight", teachers) is None
@@ -486,4 +505,5 @@ def test_cli_info(capsys, tiny_dir):
     assert info["weights_id"].startswith("sha256:") and info["random_weights"] is False
     assert main(["info", str(tiny_dir / "nowhere")]) == 1
     assert "not found" in capsys.readouterr().err
-    assert model_cli.add_parser  # registered through theia_ros.cli.SUBCOMMAND_MODULES
+    assert main(["info", "random:theia-huge-patch16-224-cdiv"]) == 1
+    assert "unknown Theia variant" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""The representations the encoder publishes: one place for their names, shapes and the teacher prefix.
+"""The representations the encoder publishes: one place for their names, shapes, the teacher prefix
+and the selection of a representation from the backbone's tokens.
 
 C is the model width (192 tiny, 384 small, 768 base); the patch grid is 14x14 at 224x224.
 ``teacher:<teacher id>`` names a translator head's prediction of that teacher's features.
@@ -15,6 +16,32 @@ REPRESENTATIONS = {
     "spatial": "[C, 14, 14] patch tokens as a map",
 }
 TEACHER_PREFIX = "teacher:"
+
+
+def check_representation(representation: str) -> None:
+    """ValueError unless ``representation`` is one of :data:`REPRESENTATIONS`."""
+    if representation not in REPRESENTATIONS:
+        raise ValueError(f"unknown representation {representation!r}; choose from {', '.join(REPRESENTATIONS)}")
+
+
+def select_representation(tokens, representation: str, grid: int = 14):
+    """The backbone's tokens ``[B, 1 + grid*grid, C]`` (CLS first, torch) -> ``representation``:
+    the one place every engine (the model, the lean graph, exported graphs) pools or reshapes."""
+    if representation == "all_tokens":
+        return tokens
+    if representation == "cls":
+        return tokens[:, 0]
+    patches = tokens[:, 1:]
+    if representation == "tokens":
+        return patches
+    if representation == "mean":
+        return patches.mean(dim=1)
+    if representation == "max":
+        return patches.amax(dim=1)
+    if representation == "spatial":
+        return patches.transpose(1, 2).unflatten(2, (grid, grid))
+    check_representation(representation)
+    raise AssertionError(f"REPRESENTATIONS lists {representation!r} but nothing selects it")
 
 
 def is_teacher(representation: str) -> bool:

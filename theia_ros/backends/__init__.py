@@ -1,2 +1,3 @@
-"""Inference backends: one interface, several engines (see base.InferenceBackend)."""
-from theia_ros.backends.base import BackendError, InferenceBackend, create_backend  # noqa: F401
+"""Inference backends: the interface (base), create_backend and the auto plan (factory), one module
+per engine (torch_backend, onnxruntime_backend, tensorrt_backend), the engine cache, the accuracy
+gate (validation) and the benchmark (bench)."""

@@ -19,7 +19,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from theia_ros.backends.base import BackendError, create_backend
+from theia_ros.backends.base import BackendError
+from theia_ros.backends.factory import create_backend
 
 log = logging.getLogger("theia_ros.backends")
 
@@ -53,21 +54,12 @@ class Case:
                               device=self.device, max_batch=max_batch, **options)
 
 
-def tensorrt_available() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import torch_tensorrt  # noqa: F401
-    except Exception:  # noqa: BLE001  (ImportError, or a broken install raising anything)
-        return False
-    return True
-
-
 def available_cases(backends: Optional[Sequence[str]] = None, precisions: Optional[Sequence[str]] = None,
                     devices: Optional[Sequence[str]] = None) -> List[Case]:
     """Every (backend, precision, device) that can run here, restricted to the ones asked for.
     Eager fp32 torch on each device is always included: it is the baseline of the ratios."""
     from theia_ros.backends.onnxruntime_backend import ort_available
+    from theia_ros.backends.tensorrt_backend import tensorrt_available
     from theia_ros.backends.torch_backend import cpu_has_fast_bf16
 
     if devices is None:
@@ -158,7 +150,7 @@ def run_bench(model, cases: Sequence[Case], batches: Sequence[int] = (1, 4), sec
                 for _ in range(3):  # warm-up (and compilation, for torch.compile)
                     out = engine.run_pixels(pixels)
                 cosines[key] = cosine(out, reference)
-            except Exception as exc:  # noqa: BLE001  (report the failure in the table, go on)
+            except Exception as exc:  # broad on purpose: report the failure in the table, go on
                 errors[key] = f"{type(exc).__name__}: {exc}"
                 del live[key]
         progress(f"batch {batch}: timing {len(live)} backends, {seconds:g} s each in {rounds} rounds ...")
@@ -228,7 +220,7 @@ def environment_summary(model, threads=None) -> str:
             import torch_tensorrt
 
             parts.append(f"torch-tensorrt {torch_tensorrt.__version__}")
-        except Exception:  # noqa: BLE001
+        except Exception:  # broad on purpose: a broken torch-tensorrt install is reported as absent
             parts.append("no torch-tensorrt")
     parts.append(f"CPU {platform.machine()} x{os.cpu_count()}")
     return ", ".join(parts)

@@ -26,7 +26,6 @@ import logging
 import os
 import re
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence
 
@@ -39,9 +38,6 @@ CACHE_FORMAT = 1
 SIDECAR = "meta.json"
 # environment fields whose mismatch means "built for another machine", not "older software"
 FOREIGN_FIELDS = ("gpu_name", "compute_capability", "platform")
-
-# how many engines each backend built in this process (tests check cache hits with it)
-BUILD_COUNTS: Counter = Counter()
 
 
 def cache_root(root=None) -> Path:
@@ -73,11 +69,6 @@ def slot_name(key: Mapping) -> str:
     parts = [key.get("variant", "model"), key.get("representation", ""), key.get("precision", ""),
              "b{}-{}".format(*key["batch"]) if isinstance(key.get("batch"), (list, tuple)) else key.get("batch", "")]
     return "_".join(_slug(p) for p in parts if p != "") + "_" + key_digest(key)
-
-
-def file_digest(path) -> str:
-    """Uncached on purpose: a corrupt engine must be caught even if its size and mtime look right."""
-    return sha256_file(path)
 
 
 def describe_mismatch(field: str, was, now) -> str:
@@ -116,7 +107,8 @@ def check_entry(directory, key: Mapping, environment: Mapping, verify_hashes: bo
     for field in [f for f in FOREIGN_FIELDS if f in environment] + \
             sorted(f for f in environment if f not in FOREIGN_FIELDS):
         if _canonical({"v": built_env.get(field)}) != _canonical({"v": environment.get(field)}):
-            kind = "foreign: built for another machine" if field in FOREIGN_FIELDS else "stale: built with other software"
+            kind = ("foreign: built for another machine" if field in FOREIGN_FIELDS
+                    else "stale: built with other software")
             return f"{kind}: " + describe_mismatch(field, built_env.get(field), environment.get(field))
     files = meta.get("files")
     if not isinstance(files, dict) or not files:
@@ -131,7 +123,8 @@ def check_entry(directory, key: Mapping, environment: Mapping, verify_hashes: bo
             return f"corrupt: bad sidecar entry for {name}"
         if path.stat().st_size != size:
             return f"corrupt: {path} has {path.stat().st_size} bytes, the sidecar says {size}"
-        if verify_hashes and file_digest(path) != sha:
+        # hashed every time, not cached: a corrupt engine must be caught even if its size and mtime look right
+        if verify_hashes and sha256_file(path) != sha:
             return f"corrupt: sha256 of {path} differs from the sidecar's"
     return None
 
@@ -147,7 +140,7 @@ def write_sidecar(directory, key: Mapping, environment: Mapping, files: Iterable
         "format": CACHE_FORMAT,
         "key": dict(key),
         "environment": dict(environment),
-        "files": {name: {"size": (directory / name).stat().st_size, "sha256": file_digest(directory / name)}
+        "files": {name: {"size": (directory / name).stat().st_size, "sha256": sha256_file(directory / name)}
                   for name in files},
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -242,6 +235,5 @@ def get_or_build(backend: str, key: Mapping, environment: Mapping,
         files = list(result.pop("files"))
         result.setdefault("build_seconds", round(seconds, 3))
         meta = write_sidecar(directory, key, environment, files, result)
-        BUILD_COUNTS[backend] += 1
         log.info("%s engine built in %.1f s: %s", backend, seconds, directory)
         return CacheResult(directory, "rebuilt" if existed else "built", reason, meta, seconds)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from theia_ros.representations import TEACHER_PREFIX
+from theia_ros.representations import check_representation, is_teacher, select_representation, teacher_of
 
 
 @torch.library.custom_op("theia_ros::multi_head_attention", mutates_args=())
@@ -110,10 +110,10 @@ class LeanTheia(nn.Module):
         self.layers = nn.ModuleList(_LeanLayer(layer, num_heads) for layer in bb.layers)
         self.norm = bb.layernorm
         self.head = None
-        if representation.startswith(TEACHER_PREFIX):
-            self.head = model.heads[model._head(representation[len(TEACHER_PREFIX):])]
+        if is_teacher(representation):
+            self.head = model.heads[model.head_name(teacher_of(representation))]
         else:
-            model.export_module(representation)  # validates the name
+            check_representation(representation)
 
     def forward(self, pixels):
         batch = pixels.shape[0]
@@ -126,16 +126,4 @@ class LeanTheia(nn.Module):
         tokens = self.norm(x).view(batch, seq, dim)
         if self.head is not None:
             return self.head(tokens[:, 1:])
-        rep = self.representation
-        if rep == "all_tokens":
-            return tokens
-        if rep == "cls":
-            return tokens[:, 0]
-        patches = tokens[:, 1:]
-        if rep == "tokens":
-            return patches
-        if rep == "mean":
-            return patches.mean(dim=1)
-        if rep == "max":
-            return patches.amax(dim=1)
-        return patches.transpose(1, 2).unflatten(2, (self.grid, self.grid))  # spatial
+        return select_representation(tokens, self.representation, self.grid)

@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from theia_ros.backends.base import BackendError, InferenceBackend, canonical_representation, export_module
 from theia_ros.backends import cache
+from theia_ros.backends.base import BackendError, InferenceBackend, canonical_representation, export_module
 
 log = logging.getLogger("theia_ros.backends")
 
@@ -62,7 +62,8 @@ def session_options(threads=None, level="all"):
     import onnxruntime as ort
 
     if level not in _LEVELS:
-        raise BackendError(f"onnxruntime backend: graph_optimization must be one of {', '.join(_LEVELS)}, got {level!r}")
+        raise BackendError(f"onnxruntime backend: graph_optimization must be one of {', '.join(_LEVELS)}, "
+                           f"got {level!r}")
     so = ort.SessionOptions()
     so.intra_op_num_threads = int(threads) if threads else max(1, torch.get_num_threads())
     so.inter_op_num_threads = 1
@@ -137,7 +138,7 @@ def fuse_transformer(path, out_path, num_heads, hidden_size):
                                              hidden_size=hidden_size, opt_level=0)
             counts = {k: v for k, v in fused.get_fused_operator_statistics().items() if v}
             fused.save_model_to_file(str(out_path), use_external_data_format=True, all_tensors_to_one_file=True)
-    except Exception as exc:  # noqa: BLE001  (fusion is an optimisation: keep the plain graph)
+    except Exception as exc:  # broad on purpose: fusion is an optimisation: keep the plain graph
         log.warning("onnxruntime transformer fusion failed (%s: %s); keeping the plain graph", type(exc).__name__, exc)
         return None
     return counts
@@ -214,7 +215,7 @@ class OnnxRuntimeBackend(InferenceBackend):
         try:
             return ort.InferenceSession(str(self.engine_path), session_options(self.threads, self.graph_optimization),
                                         providers=["CPUExecutionProvider"])
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # broad on purpose: onnxruntime raises several types for a bad file
             raise BackendError(f"onnxruntime backend: cannot load {self.engine_path}: {exc}") from None
 
     def _validate(self, session):

@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from theia_ros.backends import cache
-from theia_ros.representations import TEACHER_PREFIX
 from theia_ros.backends.base import BackendError, InferenceBackend, canonical_representation, export_module
+from theia_ros.representations import is_teacher, teacher_of
 
 log = logging.getLogger("theia_ros.backends")
 
@@ -52,11 +52,22 @@ FP16_MODES = ("explicit", "autocast")
 FP32_ACC_MODES = ("auto", "on", "off")
 
 
+def tensorrt_available() -> bool:
+    """CUDA is present and torch_tensorrt imports (what backend="auto" and the benchmark probe)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import torch_tensorrt  # noqa: F401 (imported only to probe that it loads)
+    except Exception:  # broad on purpose: ImportError, or a broken install raising anything
+        return False
+    return True
+
+
 def import_torch_tensorrt():
     """torch_tensorrt, or BackendError saying how to get it."""
     try:
         import torch_tensorrt
-    except Exception as exc:  # noqa: BLE001  (ImportError, or a wheel that does not match torch)
+    except Exception as exc:  # broad on purpose: ImportError, or a wheel that does not match torch
         raise BackendError(
             f"tensorrt backend: torch_tensorrt cannot be imported ({type(exc).__name__}: {exc}); install the "
             f"torch-tensorrt wheel matching torch {torch.__version__} (see docs/backends.md)") from None
@@ -161,8 +172,8 @@ class Fp32LayerNorm(nn.Module):
         super().__init__()
         self.normalized_shape = tuple(norm.normalized_shape)
         self.eps = norm.eps
-        self.weight = nn.Parameter(norm.weight.detach().float(), requires_grad=False) if norm.weight is not None else None
-        self.bias = nn.Parameter(norm.bias.detach().float(), requires_grad=False) if norm.bias is not None else None
+        self.weight = None if norm.weight is None else nn.Parameter(norm.weight.detach().float(), requires_grad=False)
+        self.bias = None if norm.bias is None else nn.Parameter(norm.bias.detach().float(), requires_grad=False)
 
     def forward(self, x):
         return F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
@@ -184,8 +195,8 @@ def low_precision_module(model, representation: str, dtype: torch.dtype, graph: 
     matmul/conv weights in ``dtype``, LayerNorm and softmax in fp32, fp32 input and output.
     The original model is left untouched."""
     keep = None
-    if representation.startswith(TEACHER_PREFIX):
-        keep = model.heads[model._head(representation[len(TEACHER_PREFIX):])]
+    if is_teacher(representation):
+        keep = model.heads[model.head_name(teacher_of(representation))]
     # copy the backbone and the one head needed; the other heads become placeholders
     memo = {id(head): nn.Identity() for head in model.heads.values() if head is not keep}
     low = copy.deepcopy(model, memo)
@@ -238,13 +249,13 @@ def gpu_environment(device) -> dict:
         import torch_tensorrt
 
         env["torch_tensorrt"] = torch_tensorrt.__version__
-    except Exception:  # noqa: BLE001
+    except Exception:  # broad on purpose: a broken install is reported as absent
         env["torch_tensorrt"] = None
     try:
         import tensorrt
 
         env["tensorrt"] = tensorrt.__version__
-    except Exception:  # noqa: BLE001
+    except Exception:  # broad on purpose: a broken install is reported as absent
         env["tensorrt"] = None
     return env
 
@@ -314,7 +325,7 @@ class TensorRTBackend(InferenceBackend):
         self.engine_path = result.directory / ENGINE_FILE
         try:
             self.module = self._built_module if self._built_module is not None else self._load()
-        except Exception as exc:  # noqa: BLE001  (an engine TensorRT refuses: rebuild it once)
+        except Exception as exc:  # broad on purpose: an engine TensorRT refuses: rebuild it once
             log.warning("tensorrt engine %s does not load (%s: %s): rebuilding", self.engine_path,
                         type(exc).__name__, exc)
             result = cache.get_or_build("tensorrt", self.key, self.environment, self._build, root=cache_dir,
@@ -381,8 +392,9 @@ class TensorRTBackend(InferenceBackend):
                 exported = torch.export.export(module, (example,), dynamic_shapes=dynamic, strict=False)
             try:
                 compiled = compile_fn(exported, **{inputs_kw: [spec]}, **kwargs)
-            except Exception as exc:  # noqa: BLE001
-                raise BackendError(f"tensorrt backend: building the engine failed: {type(exc).__name__}: {exc}") from exc
+            except Exception as exc:  # broad on purpose: each compile error becomes a BackendError
+                raise BackendError(
+                    f"tensorrt backend: building the engine failed: {type(exc).__name__}: {exc}") from exc
             try:
                 cosine = self._validate(compiled)  # raises BackendError: nothing is cached
                 break

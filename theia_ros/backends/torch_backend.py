@@ -12,8 +12,8 @@ import time
 import torch
 from torch import nn
 
-from theia_ros.representations import TEACHER_PREFIX
 from theia_ros.backends.base import BackendError, InferenceBackend, reference_forward
+from theia_ros.representations import is_teacher, teacher_of
 
 log = logging.getLogger("theia_ros.backends")
 
@@ -29,7 +29,7 @@ def cpu_has_fast_bf16() -> bool:
         try:
             if fn is not None and fn():
                 return True
-        except Exception:  # noqa: BLE001  (private probes; absent or failing means "no")
+        except Exception:  # broad on purpose: private probes; absent or failing means "no"
             pass
     return False
 
@@ -73,8 +73,8 @@ class TorchBackend(InferenceBackend):
             raise BackendError("torch backend: CUDA requested but torch.cuda.is_available() is False")
         if self.device.type == "cpu" and precision == "fp16":
             raise BackendError("torch backend: fp16 on the CPU is slower than fp32 and inexact; use fp32 or bf16")
-        if representation.startswith(TEACHER_PREFIX):
-            model._head(representation[len(TEACHER_PREFIX):])  # unknown teacher: fail now, not per frame
+        if is_teacher(representation):
+            model.head_name(teacher_of(representation))  # unknown teacher: fail now, not per frame
         self.model = model.to(self.device).eval()
         self._dtype = _DTYPES[precision]
         self.compile_mode = _compile_mode(compile, self.device)
@@ -103,7 +103,9 @@ class TorchBackend(InferenceBackend):
         pixels = validation_pixels(min(2, self.max_batch))
         start = time.perf_counter()
         reference = reference_output(self.model, pixels, self.representation, self.device)
-        what = f"torch {self.precision} on {self.device}" + (f" (compile {self.compile_mode})" if self.compile_mode else "")
+        what = f"torch {self.precision} on {self.device}"
+        if self.compile_mode:
+            what += f" (compile {self.compile_mode})"
         self.validation_cosine = check_output(self.run_pixels(pixels), reference, min_cosine_for(self.precision), what)
         log.info("%s: cosine %.6f to fp32 torch on the validation input (%.1f s)", what, self.validation_cosine,
                  time.perf_counter() - start)
@@ -119,7 +121,7 @@ class TorchBackend(InferenceBackend):
         return out
 
 
-def _compile_mode(compile, device):  # noqa: A002
+def _compile_mode(compile, device):  # `compile` as torch.compile's own option name
     if compile in (False, None, "", "none", "off"):
         return None
     if compile is True or compile in ("default", "auto", "on"):

@@ -4,46 +4,36 @@ import time
 
 import torch
 
-from theia_ros.backends import create_backend
+from theia_ros.backends.factory import create_backend
+from theia_ros.encoder.config import ENCODER_DEFAULTS, OUTPUT_DTYPE_CHOICES
 from theia_ros.encoder.model import load_model
-from theia_ros.preprocess import to_model_input
+from theia_ros.preprocess import IMAGE_SIZE, to_model_input
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "theaiinstitute/theia-tiny-patch16-224-cddsv"
-#: How the encoder runs unless told otherwise: the one place for these defaults. The encoder node's
-#: parameters, the CLI's shared encoder options (encode-bag, export, bench) and FeatureEncoder.load
-#: take them from here. threads 0 keeps torch's own default.
-ENCODER_DEFAULTS = {
-    "model": DEFAULT_MODEL,
-    "seed": 0,
-    "backend": "auto",
-    "precision": "fp32",
-    "device": "auto",
-    "max_batch": 4,
-    "representation": "tokens",
-    "output_dtype": "float32",
-    "threads": 0,
-}
-BACKEND_CHOICES = ("auto", "torch", "onnxruntime", "tensorrt")
-PRECISION_CHOICES = ("fp32", "fp16", "bf16")
-OUTPUT_DTYPE_CHOICES = ("float32", "float16")
-
 
 class FeatureEncoder:
-    """Runs one model through one backend on batches of RGB frames of any size."""
+    """Runs one model through one backend on batches of RGB frames of any size.
 
-    def __init__(self, model, backend, output_dtype="float32"):
-        if output_dtype not in ("float32", "float16"):
-            raise ValueError(f"output_dtype must be float32 or float16, got {output_dtype!r}")
+    Frames are preprocessed straight into one preallocated input batch ``[max_batch, 3, 224, 224]``
+    (one copy per frame), which the backend runs in chunks of ``max_batch``.
+    """
+
+    def __init__(self, model, backend, output_dtype=ENCODER_DEFAULTS["output_dtype"]):
+        if output_dtype not in OUTPUT_DTYPE_CHOICES:
+            raise ValueError(f"output_dtype must be one of {', '.join(OUTPUT_DTYPE_CHOICES)}, got {output_dtype!r}")
         self.model = model
         self.backend = backend
         self.output_dtype = output_dtype
         self._torch_out = torch.float32 if output_dtype == "float32" else torch.float16
+        self._pixels = torch.empty(backend.max_batch, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.float32)
 
     @classmethod
-    def load(cls, source, *, seed=None, backend="torch", precision="fp32", device="cpu", max_batch=4,
-             representation="tokens", output_dtype="float32", **backend_options):
+    def load(cls, source, *, seed=None, backend="torch", precision=ENCODER_DEFAULTS["precision"], device="cpu",
+             max_batch=ENCODER_DEFAULTS["max_batch"], representation=ENCODER_DEFAULTS["representation"],
+             output_dtype=ENCODER_DEFAULTS["output_dtype"], **backend_options):
+        """Load ``source`` and build its backend. backend and device default to eager torch on the
+        CPU, the reference engine; the node and the CLI pass ENCODER_DEFAULTS' "auto" explicitly."""
         model = load_model(source, device="cpu", seed=seed)
         engine = create_backend(backend, model, representation=representation, precision=precision,
                                 device=device, max_batch=max_batch, **backend_options)
@@ -65,22 +55,26 @@ class FeatureEncoder:
         timings: seconds spent in "preprocess" and "inference".
         """
         configs = preprocess_configs or [None] * len(frames)
-        t0 = time.perf_counter()
-        if len(frames) == 1:
-            pixels = to_model_input(frames[0], configs[0])
-        else:  # frames may differ in size: resize each, then batch
-            pixels = torch.cat([to_model_input(frame, config) for frame, config in zip(frames, configs)])
-        t1 = time.perf_counter()
-        step = self.backend.max_batch
-        outputs = [self.backend.run_pixels(pixels[i:i + step]) for i in range(0, len(pixels), step)]
+        step = len(self._pixels)
+        outputs, preprocess_s, inference_s = [], 0.0, 0.0
+        for start in range(0, len(frames), step):
+            t0 = time.perf_counter()
+            chunk = range(start, min(start + step, len(frames)))
+            for slot, index in enumerate(chunk):
+                to_model_input(frames[index], configs[index], out=self._pixels[slot:slot + 1])
+            t1 = time.perf_counter()
+            outputs.append(self.backend.run_pixels(self._pixels[:len(chunk)]))
+            preprocess_s += t1 - t0
+            inference_s += time.perf_counter() - t1
+        t2 = time.perf_counter()
         features = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         features = features.to(self._torch_out)
-        t2 = time.perf_counter()
-        return features, {"preprocess": t1 - t0, "inference": t2 - t1}
+        inference_s += time.perf_counter() - t2
+        return features, {"preprocess": preprocess_s, "inference": inference_s}
 
     def warm_up(self, iterations=2):
         import numpy as np
 
-        frame = np.zeros((224, 224, 3), np.uint8)
+        frame = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
         for _ in range(iterations):
             self.encode([frame])

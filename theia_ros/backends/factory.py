@@ -1,6 +1,7 @@
-"""backend="auto": the fastest backend that runs here and passes the accuracy gate.
+"""Backends by name: create_backend, and backend="auto", the fastest backend that runs here and
+passes the accuracy gate.
 
-Order (first that can be built wins; a failure to build or validate falls through to the next):
+Auto's order (first that can be built wins; a failure to build or validate falls through to the next):
 
 * CUDA device (``device`` "cuda[:N]", or "auto" with a GPU present):
   1. tensorrt at the requested precision, when torch_tensorrt imports;
@@ -17,18 +18,65 @@ bf16 -> bf16; asking fp16 on a CPU gives fp32.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
 
-from theia_ros.backends.base import BackendError, backend_classes, options_for
+from theia_ros.backends.base import BackendError
+from theia_ros.encoder.config import BACKEND_CHOICES
 
 log = logging.getLogger("theia_ros.backends")
 
 
+def create_backend(name, model, representation="tokens", precision="fp32", device="cpu", max_batch=4, **options):
+    """Build a backend by name (one of encoder.config.BACKEND_CHOICES).
+
+    * "torch": eager PyTorch on the CPU or CUDA (fp32, bf16; fp16 on CUDA), optional torch.compile;
+    * "onnxruntime": ONNX Runtime on the CPU (fp32), ONNX graph exported once and cached;
+    * "tensorrt": Torch-TensorRT engine on CUDA (fp32, fp16, bf16), built once and cached;
+    * "auto": the fastest of those that run here at ``precision`` (see the module docstring).
+    Options are passed to the backend that takes them (e.g. cache_dir, rebuild, threads, compile,
+    fp32_acc), so one set of options serves whichever backend is chosen; an option no backend takes
+    is an error.
+    """
+    if name not in BACKEND_CHOICES:
+        raise BackendError(f"unknown backend {name!r}; available: {', '.join(BACKEND_CHOICES)}")
+    classes = backend_classes()
+    unknown = set(options).difference(*(_accepted(cls) for cls in classes.values()))
+    if unknown:
+        raise BackendError(f"unknown backend option(s) {', '.join(sorted(unknown))}")
+    if name == "auto":
+        return create_auto_backend(model, representation, precision, device, max_batch, **options)
+    if device in (None, "", "auto"):  # auto picks its own; the others need a device
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return classes[name](model, representation, precision, device, max_batch, **options_for(classes[name], options))
+
+
+def _accepted(cls) -> set:
+    return set(inspect.signature(cls.__init__).parameters)
+
+
+def options_for(cls, options: dict) -> dict:
+    """The options backend class `cls` takes (one option set serves whichever backend is chosen)."""
+    accepted = _accepted(cls)
+    return {k: v for k, v in options.items() if k in accepted}
+
+
+def backend_classes() -> dict:
+    """The concrete backend classes by name (imported here: each module imports torch only)."""
+    from theia_ros.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from theia_ros.backends.tensorrt_backend import TensorRTBackend
+    from theia_ros.backends.torch_backend import TorchBackend
+
+    return {"torch": TorchBackend, "onnxruntime": OnnxRuntimeBackend, "tensorrt": TensorRTBackend}
+
+
+# ---------------------------------------------------------------------------------- auto
+
 def _capabilities():
-    from theia_ros.backends.bench import tensorrt_available
     from theia_ros.backends.onnxruntime_backend import ort_available
+    from theia_ros.backends.tensorrt_backend import tensorrt_available
     from theia_ros.backends.torch_backend import cpu_has_fast_bf16
 
     return {
@@ -50,7 +98,8 @@ def plan(device, precision, caps):
         out = []
         if caps.get("tensorrt"):
             out.append(("tensorrt", precision, device, "CUDA and torch_tensorrt present"))
-        out.append(("torch", precision, device, "CUDA present" + ("" if caps.get("tensorrt") else ", no torch_tensorrt")))
+        why = "CUDA present" + ("" if caps.get("tensorrt") else ", no torch_tensorrt")
+        out.append(("torch", precision, device, why))
         return out
     if device != "cpu":
         raise BackendError(f"auto backend: unknown device {device!r}; use auto, cpu or cuda[:N]")
@@ -68,8 +117,8 @@ def plan(device, precision, caps):
 
 
 def create_auto_backend(model, representation="tokens", precision="fp32", device="auto", max_batch=4, **options):
-    caps = _capabilities()
-    candidates = plan(device, precision, caps)
+    """The first candidate of :func:`plan` on this machine that builds and passes its accuracy gate."""
+    candidates = plan(device, precision, _capabilities())
     classes = backend_classes()
     failures = []
     for name, prec, dev, why in candidates:
