@@ -2,8 +2,9 @@
 
 Theia-tiny tokens (C=192), 1 and 2 cameras, history 1 and 2, 7 joints, default params, torch
 threads 1 (override with --threads). Each policy acts on a cycle of random observations after a
-warm-up; act() includes its observation validation. A second table times
-ObservationBuffer.build() (alignment + stacking) for the same shapes.
+warm-up; act() includes their validation (built by hand; the ObservationBuffer checks each message
+as it is pushed, and act() trusts what it builds). A second table times ObservationBuffer.build()
+(alignment + stacking) for the same shapes.
 
     .venv/bin/python benchmarks/bench_policies.py [--iters 300] [--threads 1]
 """

@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 os.environ.setdefault("ROS_DOMAIN_ID", str(os.getpid() % 100 + 101))
 
-from theia_ros.nodes.graph import NODE_MODULES, dump_params  # noqa: E402
-from theia_ros.nodes.environment import child_environment, use_package_fastdds_profile  # noqa: E402
+from theia_ros.nodes.environment import child_environment, use_package_fastdds_profile  # noqa: E402 (after the sys.path and environment set-up above)
+from theia_ros.nodes.graph import NODE_MODULES, dump_params  # noqa: E402 (after the sys.path and environment set-up above)
 
 ARM = [f"panda_joint{i}" for i in range(1, 8)]
 LOWER = [-2.8973, -1.7628, -2.8973, -3.0718, -2.8973, -1.6573, -2.8973]
@@ -190,7 +190,7 @@ def table(rows):
             "| features/s | camera -> features ms p50 / p99 | camera -> command ms p50 / p99 | commands/s |")
     lines = [head, "|" + "---|" * 9]
     for r in rows:
-        f = lambda v: "-" if v != v else f"{v:.1f}"  # noqa: E731
+        f = lambda v: "-" if v != v else f"{v:.1f}"  # noqa: E731 (a one-line formatter)
         lines.append(f"| {r['config']} | {f(r['camera_fps'])} | {r['rtf']:.2f} | {f(r['render_ms_p50'])} / "
                      f"{f(r['render_ms_p99'])} | {f(r['inference_ms_p50'])} | {f(r['features_hz'])} | "
                      f"{f(r['features_ms_p50'])} / {f(r['features_ms_p99'])} | {f(r['command_ms_p50'])} / "

@@ -10,7 +10,6 @@ import torch
 
 from theia_ros.policies import (
     ActionSpec,
-    CheckpointError,
     Observation,
     ObservationBuffer,
     ObservationError,
@@ -24,10 +23,11 @@ from theia_ros.policies import (
     make_policy,
     random_observation,
 )
-from theia_ros.representations import feature_shape_for
 from theia_ros.policies.hold import HoldPolicy
 from theia_ros.policies.mlp import PooledMLPPolicy
 from theia_ros.policies.theia_head import TheiaHeadPolicy
+from theia_ros.representations import feature_shape_for
+from theia_ros.weights import CheckpointError
 
 JOINTS = [f"joint{i}" for i in range(1, 8)]
 C = 192  # theia-tiny width
@@ -136,6 +136,35 @@ def test_act_validates_observation_and_clips():
         TheiaHeadPolicy(make_spec("cls"), ActionSpec(JOINTS))
 
 
+
+@pytest.mark.parametrize("name", ["hold", "mlp"])
+def test_observations_are_validated_once(monkeypatch, name):
+    """The buffer checks each message as it arrives; act() trusts what it builds and validates the rest."""
+    spec = make_spec(history=2, joints=["a", "b"])
+    policy = make_policy(name, make_config(spec, action=ActionSpec(["a", "b"]), params={"position": [0.0, 0.0]}
+                                           if name == "hold" else {"seed": 0}))
+    validated = []
+    original = Observation.validate
+    monkeypatch.setattr(Observation, "validate", lambda self, s: (validated.append(self), original(self, s)))
+    buf = ObservationBuffer(policy.observation_spec)
+    for k in range(3):
+        buf.push_features("front", 1.0 + 0.1 * k, tokens(k))
+        buf.push_joint_state(1.0 + 0.1 * k, ["a", "b"], [0.1 * k, -0.1 * k])
+    built = buf.build()
+    from_buffer = policy.act(built)
+    assert not validated  # every part was checked when pushed
+    by_hand = Observation({"front": built.features["front"].copy()}, built.proprio.copy(), built.stamp)
+    np.testing.assert_array_equal(policy.act(by_hand), from_buffer)
+    assert len(validated) == 1 and validated[0] is by_hand
+    by_hand.features["front"][1, 0, 0] = np.inf
+    with pytest.raises(ObservationError, match="1 inf"):
+        policy.act(by_hand)
+    other_spec = make_spec(history=2, joints=["a", "b"])  # equal, but not the spec the buffer checked against
+    other = make_policy(name, {**make_config(other_spec, action=ActionSpec(["a", "b"])),
+                               "params": policy.params})
+    other.act(built)
+    assert validated[-1] is built
+
 def test_act_restores_training_mode():
     obs_spec = make_spec()
     policy = TheiaHeadPolicy(obs_spec, ActionSpec(JOINTS), channels=32, mlp_hidden=[32])
@@ -160,8 +189,8 @@ def test_save_load_round_trip(tmp_path, name, params):
     policy.save_pretrained(tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "config.yaml").is_file()
     assert (tmp_path / "ckpt" / "model.safetensors").is_file()
-    for loaded in (type(policy).from_pretrained(tmp_path / "ckpt"), Policy.from_pretrained(tmp_path / "ckpt"),
-                   make_policy(name, checkpoint=tmp_path / "ckpt"), make_policy(None, checkpoint=tmp_path / "ckpt")):
+    for loaded in (type(policy).from_pretrained(tmp_path / "ckpt"), make_policy(name, checkpoint=tmp_path / "ckpt"),
+                   make_policy(None, checkpoint=tmp_path / "ckpt")):
         assert type(loaded) is type(policy)
         assert loaded.observation_spec == obs_spec and loaded.action_spec == policy.action_spec
         assert loaded.params == policy.params
@@ -182,6 +211,21 @@ def test_from_pretrained_overrides(tmp_path):
     with pytest.raises(CheckpointError, match="not 'theia_head'"):
         make_policy("theia_head", checkpoint=tmp_path / "ckpt")
 
+
+
+def test_the_class_comes_from_the_config_through_make_policy(tmp_path):
+    obs_spec = make_spec()
+    config = {**make_config(obs_spec, params={"hidden_sizes": [8]}), "policy": "mlp"}
+    assert type(make_policy(None, config)) is PooledMLPPolicy
+    with pytest.raises(PolicyConfigError, match="Policy is abstract; make_policy"):
+        Policy.from_config(config)
+    PooledMLPPolicy.from_config(config).save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="TorchPolicy is abstract"):
+        load_policy_class("theia_ros.policies.torch_policy:TorchPolicy").from_pretrained(tmp_path / "ckpt")
+    loaded = make_policy("theia_ros.policies.torch_policy:TorchPolicy", checkpoint=tmp_path / "ckpt")
+    assert type(loaded) is PooledMLPPolicy
+    with pytest.raises(CheckpointError, match="'hold' .* is not a TorchPolicy"):
+        make_policy("theia_ros.policies.torch_policy:TorchPolicy", {"policy": "hold"}, checkpoint=tmp_path / "ckpt")
 
 def test_seed_makes_weights_reproducible():
     obs_spec = make_spec()
@@ -217,7 +261,7 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
     TheiaHeadPolicy(obs_spec, ActionSpec(JOINTS), channels=8, mlp_hidden=[8]).save_pretrained(tmp_path / "b")
     (tmp_path / "a" / "model.safetensors").write_bytes((tmp_path / "b" / "model.safetensors").read_bytes())
     with pytest.raises(CheckpointError, match=r"missing key\(s\): .*unexpected key\(s\)"):
-        Policy.from_pretrained(tmp_path / "a")
+        make_policy(None, checkpoint=tmp_path / "a")
 
 
 # ---------------------------------------------------------------------------------- registry
@@ -256,7 +300,7 @@ def test_unregistered_policy_saves_by_dotted_path(tmp_path):
     obs_spec = make_spec()
     policy = make_policy(f"{__name__}.EchoPolicy", make_config(obs_spec))
     policy.save_pretrained(tmp_path / "echo")
-    loaded = Policy.from_pretrained(tmp_path / "echo")
+    loaded = make_policy(None, checkpoint=tmp_path / "echo")
     assert type(loaded) is EchoPolicy
     obs = random_observation(obs_spec)
     np.testing.assert_array_equal(loaded.act(obs), obs.proprio[-1])
@@ -293,7 +337,7 @@ def test_third_party_policy_package_via_entry_point(tmp_path, monkeypatch):
         policy = make_policy("acme_constant", make_config(obs_spec, params={"value": 0.25}))
         np.testing.assert_array_equal(policy.act(random_observation(obs_spec)), np.full(7, 0.25))
         policy.save_pretrained(tmp_path / "ckpt")
-        assert type(Policy.from_pretrained(tmp_path / "ckpt")) is cls
+        assert type(make_policy(None, checkpoint=tmp_path / "ckpt")) is cls
     finally:
         sys.modules.pop("acme_theia_policies", None)
 
@@ -400,9 +444,9 @@ def test_buffer_rejects_bad_input():
     buf.push_features("front", 0.5, tokens(0))  # after a clock jump
 
 
-def test_buffer_age_and_staleness():
+def test_buffer_age_follows_the_stalest_stream():
     spec = make_spec(cameras=["front", "wrist"], joints=["a"])
-    buf = ObservationBuffer(spec, max_age=0.2)
+    buf = ObservationBuffer(spec)
     assert buf.age(10.0) == math.inf
     buf.push_features("front", 1.0, tokens(0))
     buf.push_features("wrist", 1.02, tokens(0))
@@ -415,9 +459,7 @@ def test_buffer_age_and_staleness():
     assert buf.age(1.5) == pytest.approx(0.47)  # now the joint state is
     buf.push_joint_state(1.15, ["a"], [0.0])
     assert buf.age(1.5) == pytest.approx(0.4)  # and now the front camera
-    assert buf.build(now=1.2).stamp == pytest.approx(1.12)
-    with pytest.raises(ObservationError, match="stale"):
-        buf.build(now=1.5)
+    assert buf.build().stamp == pytest.approx(1.12)
 
 
 # ---------------------------------------------------------------------------------- theia head

@@ -6,15 +6,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from diagnostic_msgs.msg import DiagnosticArray
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Float64MultiArray
 from std_srvs.srv import SetBool
 from trajectory_msgs.msg import JointTrajectory
-from diagnostic_msgs.msg import DiagnosticArray
 
-from ros_helpers import NodeProcess, wait_until
 from theia_ros.features import to_features_msg
 from theia_ros.msg import Features
+
+from ros_helpers import NodeProcess, wait_until
 
 pytestmark = pytest.mark.ros
 TEST_DIR = Path(__file__).resolve().parent
@@ -143,6 +144,29 @@ def test_limits_clamp_and_nan_is_never_sent(ros_client, tmp_path, collect):
         feed.close()
 
 
+def test_nan_features_are_dropped_and_never_reach_a_command(ros_client, tmp_path, collect):
+    commands = collect(Float64MultiArray, "commands")
+    diags = collect(DiagnosticArray, "/diagnostics")
+    feed = FeedThread(ros_client, level=float("nan"))
+
+    def bad_messages():
+        for _, array in reversed(diags):
+            for s in array.status:
+                if s.name == "theia_policy: policy":
+                    return int({kv.key: kv.value for kv in s.values}["bad_messages"])
+        return 0
+
+    try:
+        with start_policy(tmp_path, policy="plugin_policies:SineOrNanPolicy", proprio_joints=[""]) as node:
+            assert wait_until(lambda: bad_messages() >= 10, 30), node.output()
+            assert commands == [], "an observation with NaN features was acted on"
+            assert "non-finite" in node.output()
+            feed.level = 0.25
+            assert wait_until(lambda: len(commands) >= 3, 30), node.output()
+            np.testing.assert_allclose(commands[-1][1].data, [0.25] * 3)
+    finally:
+        feed.close()
+
 def test_watchdog_stops_and_resumes_and_enable_service(ros_client, tmp_path, collect):
     commands = collect(Float64MultiArray, "commands")
     enable = ros_client.node.create_client(SetBool, "/theia_policy/enable")
@@ -202,3 +226,58 @@ def test_cartesian_end_effector_steps_as_pose_stamped(ros_client, tmp_path, coll
             np.testing.assert_allclose([q.w, q.x, q.y, q.z], euler2quat(0, 0, 0.2, axes="sxyz"), atol=1e-12)
     finally:
         feed.close()
+
+
+
+def as_recorded(msg):
+    """An rclpy message as a bag reader returns it: converted field by field to the rosbags type, serialized
+    and deserialized by rosbags (rclpy's own serialization leaves bytes rosbags refuses)."""
+    from theia_ros.bags.io import deserialize, typestore
+
+    store = typestore()
+
+    def convert(value):
+        if hasattr(value, "get_fields_and_field_types"):
+            name = f"{type(value).__module__.split('.')[0]}/msg/{type(value).__name__}"
+            return store.types[name](**{f: convert(getattr(value, f)) for f in value.get_fields_and_field_types()})
+        if isinstance(value, (list, tuple)) and value and hasattr(value[0], "get_fields_and_field_types"):
+            return [convert(v) for v in value]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return list(value)
+        if isinstance(value, (list, tuple)) or hasattr(value, "typecode") or isinstance(value, np.ndarray):
+            return np.asarray(value, dtype=np.float64)
+        return value
+
+    recorded = convert(msg)
+    return deserialize(store.serialize_cdr(recorded, recorded.__msgtype__), recorded.__msgtype__)
+
+
+ROUND_TRIPS = [("float64_multi_array", "position"), ("joint_trajectory", "position"), ("joint_trajectory", "velocity"),
+               ("joint_state", "position"), ("joint_state", "velocity"), ("ee_delta_pose", "position")]
+
+
+@pytest.mark.parametrize("name,mode", ROUND_TRIPS)
+def test_command_formats_map_actions_to_rclpy_and_rosbags_messages_and_back(name, mode):
+    """The one table (theia_ros.commands): what the node writes, train-policy and the simulator read back."""
+    from theia_ros.commands import COMMAND_FORMATS, CommandTarget, time_from_start, trajectory_points
+    from theia_ros.nodes.recorder import message_class
+
+    fmt = COMMAND_FORMATS[name]
+    values = [0.02, -0.01, 0.03, 0.1, -0.2, 0.3]
+    joints = ("dx", "dy", "dz", "droll", "dpitch", "dyaw")
+    target = CommandTarget(joints, mode, frame_id="panda_hand", time_from_start=1.25)
+    written = fmt.write(message_class(fmt.message_type)(), values, target, lambda t: message_class(t)())
+    recorded = as_recorded(written)
+    assert type(recorded).__module__.startswith("rosbags") and recorded.__msgtype__ == fmt.message_type
+    for msg in (written, recorded):
+        names, got = fmt.read(msg, mode)
+        np.testing.assert_allclose(got, values, rtol=0, atol=1e-12)
+        assert names == (list(joints) if name in ("joint_trajectory", "joint_state") else None)
+    if name == "joint_trajectory":
+        assert time_from_start(recorded.points[0]) == pytest.approx(1.25)
+        other = "positions" if mode == "velocity" else "velocities"
+        assert len(getattr(recorded.points[0], other)) == 0
+        if mode == "position":
+            assert trajectory_points(recorded) == [(pytest.approx(1.25), pytest.approx(values))]
+    if name == "ee_delta_pose":
+        assert recorded.header.frame_id == "panda_hand"

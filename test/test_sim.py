@@ -10,7 +10,7 @@ import pytest
 os.environ.setdefault("MUJOCO_GL", "egl")  # before the first import of mujoco: it picks its GL then
 mujoco = pytest.importorskip("mujoco")
 
-from theia_ros.sim import HOME, CommandError, ReachExpert, Simulation  # noqa: E402
+from theia_ros.sim import HOME, CommandError, ReachExpert, Simulation  # noqa: E402 (mujoco must load after MUJOCO_GL is set above)
 
 
 @pytest.fixture(scope="module")

@@ -32,17 +32,21 @@ from pathlib import Path
 
 import numpy as np
 
-from theia_ros.bags.io import FEATURES_TYPE, BagError, deserialize, open_reader
+from theia_ros.bags.inspect import features_summary
+from theia_ros.bags.io import FEATURES_TYPE, BagError, deserialize, open_bag
+from theia_ros.commands import COMMAND_FORMATS
+from theia_ros.features import features_to_numpy
 from theia_ros.stamps import stamp_ns
 
 log = logging.getLogger(__name__)
 
-ACTION_TYPES = {
-    "std_msgs/msg/Float64MultiArray": "command",
-    "trajectory_msgs/msg/JointTrajectory": "trajectory",
-    "sensor_msgs/msg/JointState": "joint_state",
-}
-JOINT_STATE_TYPE = "sensor_msgs/msg/JointState"
+# action kind (--action-type) -> the command format (theia_ros.commands) whose messages carry it
+ACTION_KINDS = {"command": "float64_multi_array", "trajectory": "joint_trajectory", "joint_state": "joint_state",
+                "joint_command": "joint_state"}
+# message type -> the kind `auto` takes it for (a JointState: measured states, next-state targets)
+ACTION_TYPES = {COMMAND_FORMATS[fmt].message_type: kind for kind, fmt in ACTION_KINDS.items()
+                if kind != "joint_command"}
+JOINT_STATE_TYPE = COMMAND_FORMATS["joint_state"].message_type
 
 
 class TrainError(BagError):
@@ -87,137 +91,169 @@ def _sorted(stamps, *values):
 def read_bag(path, *, features_topics=None, action_topic, action_type="auto", action_joints=None,
              proprio_topic=None, proprio_joints=None, stamp="header") -> _BagData:
     """Read the feature, action and proprio streams of one bag (see module doc)."""
-    from theia_ros.bags.inspect import features_summary
-    from theia_ros.features import features_to_numpy
-
-    reader = open_reader(path, salvage=True)
-    damaged = getattr(reader, "salvage_reason", None)
-    try:
+    with open_bag(path, salvage=True) as reader:
+        damaged = getattr(reader, "salvage_reason", None)
         by_topic = {}
         for c in reader.connections:
             by_topic.setdefault(c.topic, []).append(c)
-        ftopics = list(features_topics) if features_topics else sorted(
-            t for t, cs in by_topic.items() if any(c.msgtype == FEATURES_TYPE for c in cs))
-        if not ftopics:
-            raise TrainError(f"{path}: no {FEATURES_TYPE} topics; run `theia-ros encode-bag` on it first")
-        for t in ftopics:
-            if t not in by_topic or not any(c.msgtype == FEATURES_TYPE for c in by_topic[t]):
-                raise TrainError(f"{path}: features topic {t} not found (feature topics: "
-                                 f"{', '.join(sorted(x for x, cs in by_topic.items() if cs[0].msgtype == FEATURES_TYPE))})")
-        if action_topic not in by_topic:
-            raise TrainError(f"{path}: action topic {action_topic} not found; topics: {', '.join(sorted(by_topic))}")
-        atype = by_topic[action_topic][0].msgtype
-        kind = ACTION_TYPES.get(atype)
-        if action_type == "joint_command" and atype == JOINT_STATE_TYPE:
-            kind = "joint_command"  # JointState used as a command: its positions as they are
-        elif action_type != "auto":
-            if kind != action_type:
-                raise TrainError(f"{path}: action topic {action_topic} has type {atype}, not an action of kind "
-                                 f"{action_type!r} ({', '.join(f'{k}: {v}' for k, v in ACTION_TYPES.items())})")
-        if kind is None:
-            raise TrainError(f"{path}: action topic {action_topic} has type {atype}; supported: "
-                             f"{', '.join(ACTION_TYPES)}")
-        if proprio_topic:
-            if proprio_topic not in by_topic:
-                raise TrainError(f"{path}: proprio topic {proprio_topic} not found")
-            if by_topic[proprio_topic][0].msgtype != JOINT_STATE_TYPE:
-                raise TrainError(f"{path}: proprio topic {proprio_topic} is {by_topic[proprio_topic][0].msgtype}, "
-                                 f"not {JOINT_STATE_TYPE}")
+        ftopics = _feature_topics(path, by_topic, features_topics)
+        kind = _action_kind(path, by_topic, action_topic, action_type)
+        _check_proprio_topic(path, by_topic, proprio_topic)
+        streams = _Streams(path, ftopics, action_topic, kind, action_joints, proprio_topic, proprio_joints, stamp)
         wanted = [c for t in set(ftopics) | {action_topic} | ({proprio_topic} if proprio_topic else set())
                   for c in by_topic[t]]
-        feats = {t: ([], []) for t in ftopics}
-        meta = {}
-        a_stamps, a_values, a_names = [], [], None
-        p_stamps, p_values, p_names = [], [], (list(proprio_joints) if proprio_joints else None)
-        j_stamps, j_msgs = [], []  # joint states when the action topic is also the proprio topic
+        stopped = streams.read(reader.messages(connections=wanted))
+    if stopped is not None:
+        damaged = f"{damaged + '; ' if damaged else ''}reading stopped: {type(stopped).__name__}: {stopped}"
+    if damaged:
+        log.warning("%s is damaged (%s): using the messages read before the damage", path, damaged)
+    return streams.bag_data(damaged)
+
+
+def _feature_topics(path, by_topic, features_topics) -> list:
+    """The Features topics to read: the ones asked for (which must exist), else every one in the bag."""
+    available = sorted(t for t, cs in by_topic.items() if any(c.msgtype == FEATURES_TYPE for c in cs))
+    if not features_topics:
+        if not available:
+            raise TrainError(f"{path}: no {FEATURES_TYPE} topics; run `theia-ros encode-bag` on it first")
+        return available
+    for t in features_topics:
+        if t not in available:
+            raise TrainError(f"{path}: features topic {t} not found (feature topics: {', '.join(available)})")
+    return list(features_topics)
+
+
+def _action_kind(path, by_topic, action_topic, action_type) -> str:
+    """The kind of action (ACTION_KINDS) the action topic holds, by its type or as `action_type` asks."""
+    if action_topic not in by_topic:
+        raise TrainError(f"{path}: action topic {action_topic} not found; topics: {', '.join(sorted(by_topic))}")
+    atype = by_topic[action_topic][0].msgtype
+    kind = ACTION_TYPES.get(atype)
+    if action_type == "joint_command" and atype == JOINT_STATE_TYPE:
+        kind = "joint_command"  # JointState used as a command: its positions as they are
+    elif action_type != "auto" and kind != action_type:
+        raise TrainError(f"{path}: action topic {action_topic} has type {atype}, not an action of kind "
+                         f"{action_type!r} ({', '.join(f'{k}: {v}' for k, v in ACTION_TYPES.items())})")
+    if kind is None:
+        raise TrainError(f"{path}: action topic {action_topic} has type {atype}; supported: "
+                         f"{', '.join(ACTION_TYPES)}")
+    return kind
+
+
+def _check_proprio_topic(path, by_topic, proprio_topic) -> None:
+    if not proprio_topic:
+        return
+    if proprio_topic not in by_topic:
+        raise TrainError(f"{path}: proprio topic {proprio_topic} not found")
+    if by_topic[proprio_topic][0].msgtype != JOINT_STATE_TYPE:
+        raise TrainError(f"{path}: proprio topic {proprio_topic} is {by_topic[proprio_topic][0].msgtype}, "
+                         f"not {JOINT_STATE_TYPE}")
+
+
+class _Streams:
+    """The feature, action and proprio messages of one bag, collected message by message."""
+
+    def __init__(self, path, ftopics, action_topic, kind, action_joints, proprio_topic, proprio_joints, stamp):
+        self.path, self.action_topic, self.kind, self.stamp = path, action_topic, kind, stamp
+        self.proprio_topic = proprio_topic
+        self.action_joints = list(action_joints) if action_joints else None
+        self.action_format = COMMAND_FORMATS[ACTION_KINDS[kind]]
+        self.feats = {t: ([], []) for t in ftopics}
+        self.meta = {}
+        self.a_stamps, self.a_values, self.a_names = [], [], None
+        self.p_stamps, self.p_values = [], []
+        self.p_names = list(proprio_joints) if proprio_joints else None
+        self.undecodable = 0
+
+    def _stamp_ns(self, msg, receive_ns):
+        return stamp_ns(msg.header.stamp) if self.stamp == "header" else receive_ns
+
+    def read(self, messages):
+        """Add every message until the end or the storage gives up; returns the storage's exception or None."""
         stopped = {}
-        undecodable = 0
-        for conn, ts, raw in _until_error(reader.messages(connections=wanted), stopped):
+        for conn, ts, raw in _until_error(messages, stopped):
             topic = conn.topic
             try:
-                if topic in feats and conn.msgtype == FEATURES_TYPE:
-                    msg = deserialize(raw, FEATURES_TYPE)
-                    s = features_summary(msg)
-                    if topic not in meta:
-                        meta[topic] = s
-                    elif (s["shape"], s["model_id"], s["representation"]) != (
-                            meta[topic]["shape"], meta[topic]["model_id"], meta[topic]["representation"]):
-                        raise TrainError(f"{path}: {topic} mixes features: {meta[topic]} then {s}")
-                    arr = features_to_numpy(msg)
-                    if arr.dtype not in (np.float16, np.float32):
-                        arr = arr.astype(np.float32)
-                    feats[topic][0].append(stamp_ns(msg.header.stamp) if stamp == "header" else ts)
-                    feats[topic][1].append(np.array(arr))
-                if topic == action_topic:
+                if topic in self.feats and conn.msgtype == FEATURES_TYPE:
+                    self._add_features(topic, deserialize(raw, FEATURES_TYPE), ts)
+                msg = None
+                if topic == self.action_topic:
                     msg = deserialize(raw, conn.msgtype)
-                    if kind == "command":
-                        vec = np.asarray(msg.data, dtype=np.float64)
-                        names = list(action_joints) if action_joints else [f"joint_{i}" for i in range(vec.size)]
-                        if len(names) != vec.size:
-                            raise TrainError(f"{path}: {action_topic} has {vec.size} values, --action-joints names "
-                                             f"{len(names)}")
-                        a_stamps.append(ts)
-                        a_values.append(vec)
-                        a_names = a_names or names
-                    elif kind == "trajectory":
-                        if not len(msg.points) or not len(msg.points[0].positions):
-                            continue
-                        names = list(msg.joint_names)
-                        vec = _pick(names, np.asarray(msg.points[0].positions, dtype=np.float64), action_joints)
-                        if vec is None:
-                            continue
-                        s = stamp_ns(msg.header.stamp)
-                        a_stamps.append(s if stamp == "header" and s else ts)
-                        a_values.append(vec)
-                        a_names = a_names or (list(action_joints) if action_joints else names)
-                    else:  # joint_state (next-state targets) or joint_command (as is): positions
-                        vec = _pick(list(msg.name), np.asarray(msg.position, dtype=np.float64), action_joints)
-                        if vec is None:
-                            continue
-                        a_stamps.append(stamp_ns(msg.header.stamp) if stamp == "header" else ts)
-                        a_values.append(vec)
-                        a_names = a_names or (list(action_joints) if action_joints else list(msg.name))
-                if proprio_topic and topic == proprio_topic:
-                    msg = msg if topic == action_topic else deserialize(raw, conn.msgtype)
-                    names = list(msg.name)
-                    if p_names is None:
-                        p_names = names
-                    vec = _pick(names, np.asarray(msg.position, dtype=np.float64), p_names)
-                    if vec is None:
-                        continue
-                    p_stamps.append(stamp_ns(msg.header.stamp) if stamp == "header" else ts)
-                    p_values.append(vec)
+                    self._add_action(msg, ts)
+                if topic == self.proprio_topic:
+                    self._add_proprio(msg if msg is not None else deserialize(raw, conn.msgtype), ts)
             except TrainError:
                 raise
             except Exception as exc:  # one undecodable message: skip it
-                undecodable += 1
-                if undecodable <= 5:
-                    log.warning("%s: skipping an undecodable message on %s at %d ns: %s", path, topic, ts, exc)
-        if stopped:
-            exc = stopped["error"]
-            damaged = f"{damaged + '; ' if damaged else ''}reading stopped: {type(exc).__name__}: {exc}"
-        if damaged:
-            log.warning("%s is damaged (%s): using the messages read before the damage", path, damaged)
-    finally:
-        try:
-            reader.close()
-        except Exception:
-            pass
-    features = {}
-    for t, (stamps, arrays) in feats.items():
-        s, a = _sorted(stamps, arrays)
-        keep = np.concatenate([[True], np.diff(s) > 0]) if s.size else np.zeros(0, bool)
-        features[t] = (s[keep], [x for x, k in zip(a, keep) if k])
-    if not a_values:
-        raise TrainError(f"{path}: no usable action on {action_topic}")
-    s, v = _sorted(a_stamps, np.stack(a_values))
-    proprio = None
-    if proprio_topic:
-        if not p_values:
-            raise TrainError(f"{path}: no joint state on {proprio_topic} holds all of {p_names}")
-        ps, pv = _sorted(p_stamps, np.stack(p_values))
-        proprio = (ps, pv, p_names)
-    return _BagData(str(path), features, meta, (s, v, a_names, kind), proprio, damaged)
+                self.undecodable += 1
+                if self.undecodable <= 5:
+                    log.warning("%s: skipping an undecodable message on %s at %d ns: %s", self.path, topic, ts, exc)
+        return stopped.get("error")
+
+    def _add_features(self, topic, msg, receive_ns):
+        s = features_summary(msg)
+        first = self.meta.setdefault(topic, s)
+        if _features_kind(s) != _features_kind(first):
+            raise TrainError(f"{self.path}: {topic} mixes features: {first} then {s}")
+        arr = features_to_numpy(msg)
+        if arr.dtype not in (np.float16, np.float32):
+            arr = arr.astype(np.float32)
+        self.feats[topic][0].append(self._stamp_ns(msg, receive_ns))
+        self.feats[topic][1].append(np.array(arr))
+
+    def _add_action(self, msg, receive_ns):
+        names, values = self.action_format.read(msg)
+        if names is None:  # a bare vector (Float64MultiArray, no header): --action-joints names it
+            names = self.action_joints or [f"joint_{i}" for i in range(values.size)]
+            if len(names) != values.size:
+                raise TrainError(f"{self.path}: {self.action_topic} has {values.size} values, --action-joints "
+                                 f"names {len(names)}")
+            stamp = receive_ns
+        else:
+            if values.size == 0:  # e.g. a trajectory without points
+                return
+            values = _pick(names, values, self.action_joints)
+            if values is None:
+                return
+            names = self.action_joints or names
+            stamp = self._stamp_ns(msg, receive_ns)
+            if self.kind == "trajectory" and not stamp:  # commands are often sent unstamped
+                stamp = receive_ns
+        self.a_stamps.append(stamp)
+        self.a_values.append(values)
+        self.a_names = self.a_names or names
+
+    def _add_proprio(self, msg, receive_ns):
+        names, positions = COMMAND_FORMATS["joint_state"].read(msg)
+        if self.p_names is None:
+            self.p_names = names
+        values = _pick(names, positions, self.p_names)
+        if values is not None:
+            self.p_stamps.append(self._stamp_ns(msg, receive_ns))
+            self.p_values.append(values)
+
+    def bag_data(self, damaged) -> _BagData:
+        """The streams sorted by stamp (a feature frame repeating a camera's stamp is dropped)."""
+        features = {}
+        for t, (stamps, arrays) in self.feats.items():
+            s, a = _sorted(stamps, arrays)
+            keep = np.concatenate([[True], np.diff(s) > 0]) if s.size else np.zeros(0, bool)
+            features[t] = (s[keep], [x for x, k in zip(a, keep) if k])
+        if not self.a_values:
+            raise TrainError(f"{self.path}: no usable action on {self.action_topic}")
+        s, v = _sorted(self.a_stamps, np.stack(self.a_values))
+        proprio = None
+        if self.proprio_topic:
+            if not self.p_values:
+                raise TrainError(f"{self.path}: no joint state on {self.proprio_topic} holds all of {self.p_names}")
+            ps, pv = _sorted(self.p_stamps, np.stack(self.p_values))
+            proprio = (ps, pv, self.p_names)
+        return _BagData(str(self.path), features, self.meta, (s, v, self.a_names, self.kind), proprio, damaged)
+
+
+def _features_kind(summary) -> tuple:
+    """What features of one policy input must share: shape, model and representation."""
+    return summary["shape"], summary["model_id"], summary["representation"]
 
 
 def _until_error(iterator, holder):
@@ -302,7 +338,7 @@ def build_dataset(bags, *, tolerance=0.05, episode_gap=2.0, history=1) -> Datase
         m = first.meta.get(t)
         if m is None:
             raise TrainError(f"{first.path}: no features on {t}")
-        if (m["shape"], m["model_id"], m["representation"]) != (meta["shape"], meta["model_id"], meta["representation"]):
+        if _features_kind(m) != _features_kind(meta):
             raise TrainError(f"feature topics differ: {topics[0]} {meta} vs {t} {m}")
         cameras.append(m["camera"] or t.strip("/").rsplit("/", 1)[0] or t)
     if len(set(cameras)) != len(cameras):
@@ -323,8 +359,7 @@ def build_dataset(bags, *, tolerance=0.05, episode_gap=2.0, history=1) -> Datase
             m = b.meta.get(t)
             if m is None:
                 raise TrainError(f"{b.path}: no features on {t}")
-            if (m["shape"], m["model_id"], m["representation"]) != (meta["shape"], meta["model_id"],
-                                                                   meta["representation"]):
+            if _features_kind(m) != _features_kind(meta):
                 raise TrainError(f"{b.path}: {t} holds {m['model_id']} {m['representation']} {m['shape']}, "
                                  f"{first.path} {meta['model_id']} {meta['representation']} {meta['shape']}")
         if b.actions[2] != a_names or b.actions[3] != a_kind:
@@ -455,7 +490,7 @@ class TrainResult:
         return self.val_nmse / self.const_nmse if self.const_nmse > 0 else float("nan")
 
 
-def _parse_params(items):
+def parse_params(items):
     import yaml
 
     params = {}
@@ -475,17 +510,12 @@ def train_policy(bags, *, policy="theia_head", out=None, action_topic, action_ty
     """Read `bags`, align, train `policy` by behaviour cloning, evaluate, save to `out` (see module doc)."""
     import torch
 
-    from theia_ros.policies import ActionSpec, ObservationSpec, PolicyError, make_policy
-
     t0 = time.perf_counter()
     if isinstance(bags, (str, Path)):
         bags = [bags]
     if out is not None:
         out = Path(out)
-        if (out / "config.yaml").exists() and not overwrite:
-            raise TrainError(f"{out} already holds a checkpoint; pass --overwrite to replace it")
-        if out.exists() and not out.is_dir():
-            raise TrainError(f"{out} exists and is not a directory")
+        _check_output_dir(out, overwrite)
     if threads:
         torch.set_num_threads(int(threads))
     data = [read_bag(b, features_topics=features_topics, action_topic=action_topic, action_type=action_type,
@@ -493,8 +523,45 @@ def train_policy(bags, *, policy="theia_head", out=None, action_topic, action_ty
                      stamp=stamp) for b in bags]
     ds = build_dataset(data, tolerance=tolerance, episode_gap=episode_gap, history=history)
     train_rows, val_rows, val_eps = split_episodes(ds, val_fraction, seed)
+    _print_data(printer, ds, len(bags), train_rows, val_rows, val_eps, action_topic, history)
+    if len(train_rows) < 2:
+        raise TrainError(f"only {len(train_rows)} training samples")
+    pol = _build_trainable_policy(policy, ds, history, action_mode, params, seed)
+    a_mean, a_std = _set_normalization(pol, ds, train_rows)
+    train_loss, val_loss, steps = _fit(pol, ds, train_rows, val_rows, a_std, epochs=epochs, batch_size=batch_size,
+                                       lr=lr, weight_decay=weight_decay, max_steps=max_steps, seed=seed,
+                                       printer=printer)
+    preds = _predict(pol, ds, val_rows)
+    err = preds - ds.actions[val_rows]
+    const_err = a_mean - ds.actions[val_rows]
+    result = TrainResult(
+        policy=pol, dataset=ds, train_rows=train_rows, val_rows=val_rows, val_episodes=val_eps,
+        train_loss=train_loss, val_loss=val_loss, val_predictions=preds,
+        val_mse=float((err ** 2).mean()), const_mse=float((const_err ** 2).mean()),
+        val_nmse=float(((err / a_std) ** 2).mean()), const_nmse=float(((const_err / a_std) ** 2).mean()),
+        steps=steps, seconds=time.perf_counter() - t0)
+    printer(f"validation MSE: policy {result.val_mse:.6g}, constant (train mean) {result.const_mse:.6g} "
+            f"(raw units); normalised {result.val_nmse:.4f} vs {result.const_nmse:.4f}: "
+            f"ratio {result.ratio:.3f}")
+    if out is not None:
+        args = {"tolerance": tolerance, "episode_gap": episode_gap, "stamp": stamp, "epochs": epochs,
+                "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed,
+                "params": params or {}}
+        _save(result, out, policy=policy, bags=bags, action_topic=action_topic, history=history, args=args,
+              plot=plot, printer=printer)
+    return result
+
+
+def _check_output_dir(out: Path, overwrite: bool) -> None:
+    if (out / "config.yaml").exists() and not overwrite:
+        raise TrainError(f"{out} already holds a checkpoint; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"{out} exists and is not a directory")
+
+
+def _print_data(printer, ds: Dataset, n_bags, train_rows, val_rows, val_eps, action_topic, history) -> None:
     meta = ds.meta
-    printer(f"data: {len(bags)} bag(s), {len(np.unique(ds.episodes))} episode(s), {len(ds)} samples "
+    printer(f"data: {n_bags} bag(s), {len(np.unique(ds.episodes))} episode(s), {len(ds)} samples "
             f"(train {len(train_rows)}, validation {len(val_rows)} from episode(s) {[int(e) for e in val_eps]})")
     printer(f"  cameras {ds.cameras} ({', '.join(ds.topics)}): {meta['representation']} {meta['shape']} "
             f"{meta['dtype']}, model {meta['model_id']}")
@@ -504,9 +571,13 @@ def train_policy(bags, *, policy="theia_head", out=None, action_topic, action_ty
             f"{ds.proprio_names or 'none'}; history {history}")
     if ds.dropped:
         printer("  dropped frames: " + ", ".join(f"{k}: {v}" for k, v in ds.dropped.items()))
-    if len(train_rows) < 2:
-        raise TrainError(f"only {len(train_rows)} training samples")
 
+
+def _build_trainable_policy(policy, ds: Dataset, history, action_mode, params, seed):
+    """The policy `policy` for the dataset's features, proprio joints and actions (a TorchPolicy)."""
+    from theia_ros.policies import ActionSpec, ObservationSpec, PolicyError, make_policy
+
+    meta = ds.meta
     try:
         spec = ObservationSpec(cameras=ds.cameras, representation=meta["representation"],
                                feature_shape=tuple(meta["shape"]), proprio_joints=ds.proprio_names,
@@ -519,10 +590,14 @@ def train_policy(bags, *, policy="theia_head", out=None, action_topic, action_ty
         raise TrainError(f"cannot build policy {policy!r}: {exc}") from exc
     if not hasattr(pol, "module"):
         raise TrainError(f"policy {policy!r} is not trainable (no torch module)")
+    return pol
 
-    y = ds.actions
-    a_mean = y[train_rows].mean(0)
-    a_std = y[train_rows].std(0)
+
+def _set_normalization(pol, ds: Dataset, train_rows):
+    """Set the policy's action (and proprio) statistics from the training rows; returns the action
+    mean and std (std 1 where an action does not vary)."""
+    y = ds.actions[train_rows]
+    a_mean, a_std = y.mean(0), y.std(0)
     a_std = np.where(a_std > 1e-6, a_std, 1.0)
     norm = {"action_mean": a_mean, "action_std": a_std}
     if ds.proprio is not None:
@@ -530,25 +605,37 @@ def train_policy(bags, *, policy="theia_head", out=None, action_topic, action_ty
         p_std = pr.std(0)
         norm.update(proprio_mean=pr.mean(0), proprio_std=np.where(p_std > 1e-6, p_std, 1.0))
     pol.set_normalization(**norm)
+    return a_mean, a_std
+
+
+def _predict(pol, ds: Dataset, rows) -> np.ndarray:
+    """The policy's actions [len(rows), A] (float64, raw units) in eval mode."""
+    import torch
+
+    pol.module.eval()
+    preds = []
+    with torch.inference_mode():
+        for i in range(0, len(rows), 256):
+            preds.append(pol.predict_batch(ds.batch(rows[i:i + 256], pol.device)).cpu())
+    return torch.cat(preds).double().numpy()
+
+
+def _fit(pol, ds: Dataset, train_rows, val_rows, a_std, *, epochs, batch_size, lr, weight_decay, max_steps, seed,
+         printer):
+    """AdamW on the MSE of normalised actions with a cosine learning rate; returns the train and validation
+    loss per epoch and the number of steps."""
+    import torch
 
     module = pol.module
     opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = max(1, len(train_rows) // batch_size)  # drop the ragged last batch (BatchNorm)
     total = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    y = ds.actions
     y_t = torch.from_numpy(y.astype(np.float32))
     gen = np.random.default_rng(seed)
     train_loss, val_loss = [], []
     step = 0
-
-    def evaluate(rows):
-        module.eval()
-        preds = []
-        with torch.inference_mode():
-            for i in range(0, len(rows), 256):
-                preds.append(pol.predict_batch(ds.batch(rows[i:i + 256], pol.device)).cpu())
-        return torch.cat(preds).double().numpy()
-
     bs = min(batch_size, len(train_rows))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -562,18 +649,15 @@ def train_policy(bags, *, policy="theia_head", out=None, action_topic, action_ty
                 rows = perm[k * bs:(k + 1) * bs]
                 if len(rows) < 2:
                     continue
-                batch = ds.batch(rows, pol.device)
-                pred = pol.predict_batch(batch, normalized=True)
-                target = pol.normalize_actions(y_t[rows])
-                loss = torch.nn.functional.mse_loss(pred, target)
+                pred = pol.predict_batch(ds.batch(rows, pol.device), normalized=True)
+                loss = torch.nn.functional.mse_loss(pred, pol.normalize_actions(y_t[rows]))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
                 step += 1
                 losses.append(loss.item())
-            pv = evaluate(val_rows)
-            vl = float((((pv - y[val_rows]) / a_std) ** 2).mean())
+            vl = float((((_predict(pol, ds, val_rows) - y[val_rows]) / a_std) ** 2).mean())
             train_loss.append(float(np.mean(losses)) if losses else float("nan"))
             val_loss.append(vl)
             printer(f"epoch {epoch + 1:3d}/{epochs}  step {step:5d}  train loss {train_loss[-1]:.4f}  "
@@ -581,43 +665,32 @@ def train_policy(bags, *, policy="theia_head", out=None, action_topic, action_ty
             if step >= total:
                 break
     module.eval()
-    preds = evaluate(val_rows)
-    err = preds - y[val_rows]
-    const_err = a_mean - y[val_rows]
-    result = TrainResult(
-        policy=pol, dataset=ds, train_rows=train_rows, val_rows=val_rows, val_episodes=val_eps,
-        train_loss=train_loss, val_loss=val_loss, val_predictions=preds,
-        val_mse=float((err ** 2).mean()), const_mse=float((const_err ** 2).mean()),
-        val_nmse=float(((err / a_std) ** 2).mean()), const_nmse=float(((const_err / a_std) ** 2).mean()),
-        steps=step, seconds=time.perf_counter() - t0)
-    printer(f"validation MSE: policy {result.val_mse:.6g}, constant (train mean) {result.const_mse:.6g} "
-            f"(raw units); normalised {result.val_nmse:.4f} vs {result.const_nmse:.4f}: "
-            f"ratio {result.ratio:.3f}")
-    if out is not None:
-        pol.save_pretrained(out)
-        result.checkpoint = out
-        report = {
-            "policy": policy, "bags": [str(b) for b in bags], "cameras": ds.cameras, "feature_topics": ds.topics,
-            "features": meta, "action_topic": action_topic, "action_kind": ds.action_kind,
-            "action_joints": ds.action_names, "proprio_joints": ds.proprio_names, "history": history,
-            "samples": {"train": int(len(train_rows)), "validation": int(len(val_rows))},
-            "validation_episodes": [ds.episode_sources[int(e)] for e in val_eps], "steps": step,
-            "epochs": len(train_loss), "train_loss": train_loss, "val_loss": val_loss,
-            "val_mse": result.val_mse, "constant_mse": result.const_mse, "val_nmse": result.val_nmse,
-            "constant_nmse": result.const_nmse, "dropped": ds.dropped,
-            "args": {"tolerance": tolerance, "episode_gap": episode_gap, "stamp": stamp, "epochs": epochs,
-                     "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed,
-                     "params": params or {}},
-        }
-        (out / "training_report.json").write_text(json.dumps(report, indent=2, default=_plain))
-        printer(f"checkpoint: {out} (load with make_policy(None, checkpoint={str(out)!r}))")
-        if plot:
-            try:
-                result.plot = write_plot(result, out / "training.png")
-                printer(f"plot: {result.plot}")
-            except ImportError as exc:
-                printer(f"no plot: {exc} (pip install matplotlib)")
-    return result
+    return train_loss, val_loss, step
+
+
+def _save(result: TrainResult, out: Path, *, policy, bags, action_topic, history, args, plot, printer) -> None:
+    """The checkpoint, training_report.json and (with `plot`) training.png in `out`."""
+    ds = result.dataset
+    result.policy.save_pretrained(out)
+    result.checkpoint = out
+    report = {
+        "policy": policy, "bags": [str(b) for b in bags], "cameras": ds.cameras, "feature_topics": ds.topics,
+        "features": ds.meta, "action_topic": action_topic, "action_kind": ds.action_kind,
+        "action_joints": ds.action_names, "proprio_joints": ds.proprio_names, "history": history,
+        "samples": {"train": int(len(result.train_rows)), "validation": int(len(result.val_rows))},
+        "validation_episodes": [ds.episode_sources[int(e)] for e in result.val_episodes], "steps": result.steps,
+        "epochs": len(result.train_loss), "train_loss": result.train_loss, "val_loss": result.val_loss,
+        "val_mse": result.val_mse, "constant_mse": result.const_mse, "val_nmse": result.val_nmse,
+        "constant_nmse": result.const_nmse, "dropped": ds.dropped, "args": args,
+    }
+    (out / "training_report.json").write_text(json.dumps(report, indent=2, default=_plain))
+    printer(f"checkpoint: {out} (load with make_policy(None, checkpoint={str(out)!r}))")
+    if plot:
+        try:
+            result.plot = write_plot(result, out / "training.png")
+            printer(f"plot: {result.plot}")
+        except ImportError as exc:
+            printer(f"no plot: {exc} (pip install matplotlib)")
 
 
 def _plain(x):

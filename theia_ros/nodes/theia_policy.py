@@ -14,49 +14,118 @@ timer, and passes every action through the safety filter:
 """
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import yaml
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from geometry_msgs.msg import PoseStamped
+from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.node import Node
-from rclpy.qos import QoSProfile, ReliabilityPolicy, HistoryPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import JointState
-from std_msgs.msg import Float64MultiArray
 from std_srvs.srv import SetBool
-from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
+from theia_ros.commands import COMMAND_FORMATS, EE_DELTA_DIM, CommandTarget
 from theia_ros.features import FeaturesFormatError, features_to_numpy
+from theia_ros.msg import Features, MultiCameraFeatures
+from theia_ros.nodes.diagnostics import diagnostic_array, diagnostic_status
+from theia_ros.nodes.parameters import Param, declare_parameters, read_parameters
+from theia_ros.nodes.qos import qos_profile
+from theia_ros.nodes.runtime import message_class, run_node
+from theia_ros.nodes.stats import LatencyWindow, LogThrottle, RateMeter
+from theia_ros.policies import ObservationBuffer, ObservationError, PolicyError, make_policy
+from theia_ros.policies.safety import CommandFilter
 from theia_ros.resources import resolve_package_path
 from theia_ros.stamps import stamp_seconds
-from theia_ros.msg import Features, MultiCameraFeatures
-from theia_ros.policies import ObservationBuffer, ObservationError, PolicyError, make_policy
-from theia_ros.nodes.runtime import declare, run_node
-from theia_ros.policies.safety import CommandFilter
-from theia_ros.nodes.stats import LatencyWindow, LogThrottle, RateMeter
 
-COMMAND_FORMATS = {
-    "float64_multi_array": (Float64MultiArray, "commands"),  # ros2_control forward_command_controller
-    "joint_trajectory": (JointTrajectory, "joint_trajectory"),
-    "joint_state": (JointState, "joint_command"),
-    # Cartesian: the 6 action values are an end-effector step [dx, dy, dz, droll, dpitch, dyaw] (m, rad,
-    # static-axis roll-pitch-yaw) in `ee_frame`, for a Cartesian controller or servo node
-    "ee_delta_pose": (PoseStamped, "ee_delta"),
-}
+SAME_AS_JOINT_NAMES = "__same_as_joint_names__"  # proprio_joints default: observe the commanded joints
+NO_LIMITS = [0.0]  # joint_lower / joint_upper placeholder: the policy's own limits
+
+POLICY_PARAMETERS = (
+    Param("policy", "hold", "Policy: a registered name (hold, mlp, theia_head, or a plugin's entry point) or a "
+          "dotted path module:Class."),
+    Param("policy_checkpoint", "", "Directory with config.yaml + model.safetensors (from train-policy), or "
+          "package://theia_ros/<path> for one shipped with the package; empty: build the policy from the "
+          "parameters below."),
+    Param("policy_params", "{}", "Policy hyper-parameters as a YAML mapping (no checkpoint only)."),
+    Param("cameras", ["camera"], "Cameras observed; features read from <camera>/features."),
+    Param("features_input", "per_camera", "per_camera: <camera>/features; synchronized: features/synchronized.",
+          choices=("per_camera", "synchronized")),
+    Param("representation", "tokens", "Representation the policy observes (no checkpoint only)."),
+    Param("feature_shape", [196, 192], "Shape of one camera's features (no checkpoint only)."),
+    Param("history", 1, "Frames of history per camera (no checkpoint only).", int_range=(1, 64)),
+    Param("joint_names", ["joint1"], "Commanded joints, in command order (no checkpoint only)."),
+    Param("proprio_joints", [SAME_AS_JOINT_NAMES], "Joints observed from joint_states (no checkpoint only); "
+          "default: the commanded joints; [''] for none."),
+    Param("action_mode", "position", "position or velocity (no checkpoint only).", choices=("position", "velocity")),
+    Param("rate", 10.0, "Command rate (Hz).", float_range=(0.1, 1000.0)),
+    Param("command_format", "float64_multi_array", "; ".join(
+        f"{f.name}: {f.message_type} on topic {f.topic}, {f.description}" for f in COMMAND_FORMATS.values()) + ".",
+          choices=tuple(COMMAND_FORMATS)),
+    Param("ee_frame", "end_effector", "frame_id of ee_delta_pose commands (the frame the step is expressed in)."),
+    Param("trajectory_time_from_start", 0.1, "time_from_start of the JointTrajectory point (s).",
+          float_range=(0.0, 60.0)),
+    Param("joint_lower", NO_LIMITS, "Lower joint limits (empty or [0.0] placeholder: the policy's own)."),
+    Param("joint_upper", NO_LIMITS, "Upper joint limits (empty or [0.0] placeholder: the policy's own)."),
+    Param("max_velocity", 0.0, "Largest joint speed (rad/s or m/s) a command may ask for; 0: no limit.",
+          float_range=(0.0, 1000.0)),
+    Param("max_observation_age", 0.5, "Watchdog: observations older than this (s) stop the commands.",
+          float_range=(0.001, 60.0)),
+    Param("on_stale", "stop", "Watchdog action: stop (send nothing) or hold (repeat the last position; zero "
+          "velocity).", choices=("stop", "hold")),
+    Param("max_camera_skew", 0.05, "Largest stamp difference between cameras of one observation (s).",
+          float_range=(0.0, 10.0)),
+    Param("proprio_tolerance", 0.1, "Largest stamp difference between frame and joint state (s).",
+          float_range=(0.0, 10.0)),
+    Param("enabled_on_start", True, "Command from the start; false: wait for ~/enable."),
+    Param("diagnostics_period", 1.0, "Seconds between /diagnostics messages.", float_range=(0.1, 60.0)),
+    Param("torch_threads", 1, "torch intra-op threads for the policy; 0 keeps torch's default.",
+          int_range=(0, 256)),
+)
+
+
+def read_policy_parameters(node) -> SimpleNamespace:
+    """POLICY_PARAMETERS (declared before), read once and resolved: the joint limit placeholders become
+    [] (the policy's own limits), the proprio_joints default the commanded joints."""
+    p = read_parameters(node, POLICY_PARAMETERS)
+    p.joint_lower = [] if list(p.joint_lower) == NO_LIMITS else list(p.joint_lower)
+    p.joint_upper = [] if list(p.joint_upper) == NO_LIMITS else list(p.joint_upper)
+    proprio = list(p.proprio_joints)
+    p.proprio_joints = [j for j in (list(p.joint_names) if proprio == [SAME_AS_JOINT_NAMES] else proprio) if j]
+    return p
+
+
+def build_policy(p: SimpleNamespace):
+    """The policy the parameters ask for: from a checkpoint, or by name from the spec parameters."""
+    if p.policy_checkpoint:
+        return make_policy(p.policy or None, checkpoint=resolve_package_path(p.policy_checkpoint))
+    config = {
+        "observation": {"cameras": list(p.cameras), "representation": p.representation,
+                        "feature_shape": list(p.feature_shape), "proprio_joints": p.proprio_joints,
+                        "history": p.history},
+        "action": {"joint_names": list(p.joint_names), "mode": p.action_mode},
+        "params": yaml.safe_load(p.policy_params) or {},
+    }
+    return make_policy(p.policy, config=config)
 
 
 class TheiaPolicyNode(Node):
     def __init__(self, **kwargs):
         super().__init__("theia_policy", **kwargs)
-        self._declare_parameters()
-        p = self._param
-        self.policy = self._make_policy()
+        declare_parameters(self, POLICY_PARAMETERS)
+        self.params = p = read_policy_parameters(self)
+        if p.torch_threads > 0:
+            import torch
+
+            torch.set_num_threads(p.torch_threads)
+        self.policy = build_policy(p)
         spec, action = self.policy.observation_spec, self.policy.action_spec
-        self.buffer = ObservationBuffer(spec, max_skew=p("max_camera_skew"), proprio_tolerance=p("proprio_tolerance"))
-        lower, upper = list(p("joint_lower")), list(p("joint_upper"))
-        self.safety = CommandFilter(action.joint_names, lower or action.lower, upper or action.upper,
-                                    max_velocity=p("max_velocity"), mode=action.mode)
-        self.enabled = p("enabled_on_start")
+        command_format = COMMAND_FORMATS[p.command_format]
+        if command_format.name == "ee_delta_pose" and action.dim != EE_DELTA_DIM:
+            raise ValueError(f"ee_delta_pose needs a 6-value action [dx, dy, dz, droll, dpitch, dyaw]; the policy "
+                             f"outputs {action.dim} ({action.joint_names})")
+        self.buffer = ObservationBuffer(spec, max_skew=p.max_camera_skew, proprio_tolerance=p.proprio_tolerance)
+        self.safety = CommandFilter(action.joint_names, p.joint_lower or action.lower, p.joint_upper or action.upper,
+                                    max_velocity=p.max_velocity, mode=action.mode)
+        self.enabled = p.enabled_on_start
         self.last_command = None
         self.last_command_time = None
         self.measured = {}
@@ -68,113 +137,48 @@ class TheiaPolicyNode(Node):
         self.command_rate = RateMeter()
         self._throttle = LogThrottle(period=2.0)
 
-        msg_type, topic = COMMAND_FORMATS[p("command_format")]
-        self.command_pub = self.create_publisher(msg_type, topic, 10)
-        feature_qos = QoSProfile(depth=5, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE)
-        if p("features_input") == "synchronized":
+        self._build_command = self._command_builder(command_format, CommandTarget(
+            tuple(action.joint_names), action.mode, p.ee_frame, p.trajectory_time_from_start))
+        self.command_pub = self.create_publisher(message_class(command_format.message_type), command_format.topic,
+                                                 qos_profile("reliable", 10))
+        feature_qos = qos_profile("reliable", 5)
+        if p.features_input == "synchronized":
             self.create_subscription(MultiCameraFeatures, "features/synchronized", self._on_multi, feature_qos)
         else:
             for cam in spec.cameras:
                 self.create_subscription(Features, f"{cam}/features",
                                          lambda msg, cam=cam: self._on_features(cam, msg), feature_qos)
-        self.create_subscription(JointState, "joint_states", self._on_joint_state, qos_profile_sensor_data)
+        self.create_subscription(JointState, "joint_states", self._on_joint_state, qos_profile("sensor_data", 5))
         self.create_service(SetBool, "~/enable", self._on_enable)
-        self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self.create_timer(1.0 / p("rate"), self._on_tick)
-        self.create_timer(p("diagnostics_period"), self._publish_diagnostics)
+        self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", qos_profile("reliable", 10))
+        self.create_timer(1.0 / p.rate, self._on_tick)
+        self.create_timer(p.diagnostics_period, self._publish_diagnostics)
         self.get_logger().info(
             f"policy {self.policy.name} ({type(self.policy).__name__}): cameras {spec.cameras} "
             f"{spec.representation} {list(spec.feature_shape)} x{spec.history}, joints {action.joint_names} "
-            f"({action.mode}), {p('command_format')} on {self.command_pub.topic_name} at {p('rate')} Hz, "
+            f"({action.mode}), {p.command_format} on {self.command_pub.topic_name} at {p.rate} Hz, "
             f"{'enabled' if self.enabled else 'disabled (call ~/enable)'}")
 
-    # ------------------------------------------------------------------ set-up
-    def _declare_parameters(self):
-        def d(name, default, description, int_range=None, float_range=None):
-            declare(self, name, default, description, int_range=int_range, float_range=float_range)
+    def _command_builder(self, command_format, target):
+        """values -> the command message, chosen once: the per-tick path only fills and stamps it."""
+        msg_class = message_class(command_format.message_type)
+        nested = {}
 
-        d("policy", "hold", "Policy: a registered name (hold, mlp, theia_head, or a plugin's entry point) or a "
-          "dotted path module:Class.")
-        d("policy_checkpoint", "", "Directory with config.yaml + model.safetensors (from train-policy), or "
-          "package://theia_ros/<path> for one shipped with the package; empty: build the policy from the "
-          "parameters below.")
-        d("policy_params", "{}", "Policy hyper-parameters as a YAML mapping (no checkpoint only).")
-        d("cameras", ["camera"], "Cameras observed; features read from <camera>/features.")
-        d("features_input", "per_camera", "per_camera: <camera>/features; synchronized: features/synchronized.")
-        d("representation", "tokens", "Representation the policy observes (no checkpoint only).")
-        d("feature_shape", [196, 192], "Shape of one camera's features (no checkpoint only).")
-        d("history", 1, "Frames of history per camera (no checkpoint only).", int_range=(1, 64))
-        d("joint_names", ["joint1"], "Commanded joints, in command order (no checkpoint only).")
-        d("proprio_joints", ["__same_as_joint_names__"], "Joints observed from joint_states (no checkpoint "
-          "only); default: the commanded joints; [''] for none.")
-        d("action_mode", "position", "position or velocity (no checkpoint only).")
-        d("rate", 10.0, "Command rate (Hz).", float_range=(0.1, 1000.0))
-        d("command_format", "float64_multi_array", "float64_multi_array (topic commands, for a ros2_control "
-          "forward_command_controller), joint_trajectory (topic joint_trajectory), joint_state (topic "
-          "joint_command), or ee_delta_pose (topic ee_delta, geometry_msgs/PoseStamped: a 6-value action "
-          "[dx, dy, dz, droll, dpitch, dyaw] as an end-effector step in ee_frame).")
-        d("ee_frame", "end_effector", "frame_id of ee_delta_pose commands (the frame the step is expressed in).")
-        d("trajectory_time_from_start", 0.1, "time_from_start of the JointTrajectory point (s).",
-          float_range=(0.0, 60.0))
-        d("joint_lower", [0.0], "Lower joint limits (empty or [0.0] placeholder: the policy's own).")
-        d("joint_upper", [0.0], "Upper joint limits (empty or [0.0] placeholder: the policy's own).")
-        d("max_velocity", 0.0, "Largest joint speed (rad/s or m/s) a command may ask for; 0: no limit.",
-          float_range=(0.0, 1000.0))
-        d("max_observation_age", 0.5, "Watchdog: observations older than this (s) stop the commands.",
-          float_range=(0.001, 60.0))
-        d("on_stale", "stop", "Watchdog action: stop (send nothing) or hold (repeat the last position; zero "
-          "velocity).")
-        d("max_camera_skew", 0.05, "Largest stamp difference between cameras of one observation (s).",
-          float_range=(0.0, 10.0))
-        d("proprio_tolerance", 0.1, "Largest stamp difference between frame and joint state (s).",
-          float_range=(0.0, 10.0))
-        d("enabled_on_start", True, "Command from the start; false: wait for ~/enable.")
-        d("diagnostics_period", 1.0, "Seconds between /diagnostics messages.", float_range=(0.1, 60.0))
-        d("torch_threads", 1, "torch intra-op threads for the policy; 0 keeps torch's default.",
-          int_range=(0, 256))
+        def new_message(type_name):  # nested messages (a trajectory's point)
+            if type_name not in nested:
+                nested[type_name] = message_class(type_name)
+            return nested[type_name]()
 
-    def _param(self, name):
-        # all parameters are read-only: read once, so the control loop does no parameter look-ups
-        if not hasattr(self, "_values"):
-            self._values = {n: p.value for n, p in self._parameters.items()}
-        value = self._values[name]
-        if name in ("joint_lower", "joint_upper") and list(value) == [0.0]:
-            return []
-        return value
+        write, clock = command_format.write, self.get_clock()
+        if not command_format.stamped:
+            return lambda values: write(msg_class(), values, target, new_message)
 
-    def _make_policy(self):
-        p = self._param
-        if p("torch_threads") > 0:
-            import torch
+        def build(values):
+            msg = write(msg_class(), values, target, new_message)
+            msg.header.stamp = clock.now().to_msg()
+            return msg
 
-            torch.set_num_threads(p("torch_threads"))
-        for name, choices in (("command_format", COMMAND_FORMATS), ("on_stale", ("stop", "hold")),
-                              ("features_input", ("per_camera", "synchronized"))):
-            if p(name) not in choices:
-                raise ValueError(f"parameter {name}={p(name)!r}: must be one of {', '.join(choices)}")
-        policy = self._build_policy()
-        if p("command_format") == "ee_delta_pose" and policy.action_spec.dim != 6:
-            raise ValueError(f"ee_delta_pose needs a 6-value action [dx, dy, dz, droll, dpitch, dyaw]; the policy "
-                             f"outputs {policy.action_spec.dim} ({policy.action_spec.joint_names})")
-        return policy
-
-    def _build_policy(self):
-        p = self._param
-        if p("policy_checkpoint"):
-            return make_policy(p("policy") or None, checkpoint=resolve_package_path(p("policy_checkpoint")))
-        joints = list(p("joint_names"))
-        proprio = list(p("proprio_joints"))
-        if proprio == ["__same_as_joint_names__"]:
-            proprio = joints
-        proprio = [j for j in proprio if j]
-        config = {
-            "observation": {"cameras": list(p("cameras")), "representation": p("representation"),
-                            "feature_shape": list(p("feature_shape")), "proprio_joints": proprio,
-                            "history": p("history")},
-            "action": {"joint_names": joints, "mode": p("action_mode")},
-            "params": yaml.safe_load(p("policy_params")) or {},
-        }
-        return make_policy(p("policy"), config=config)
+        return build
 
     # ------------------------------------------------------------------ inputs
     def _warn(self, key, text):
@@ -231,11 +235,11 @@ class TheiaPolicyNode(Node):
             return
         now = self._now()
         age = self.buffer.age(now)
-        if age > self._param("max_observation_age"):
+        if age > self.params.max_observation_age:
             self._on_stale(age)
             return
         try:
-            observation = self.buffer.build(now)
+            observation = self.buffer.build()
         except ObservationError as exc:
             self.counts["observation_errors"] += 1
             self._warn(("observation",), f"no observation: {exc}")
@@ -261,7 +265,7 @@ class TheiaPolicyNode(Node):
                 previous = np.array([self.measured[j] for j in joints])
         dt = None if self.last_command_time is None else now - self.last_command_time
         if previous is not None and dt is None:
-            dt = 1.0 / self._param("rate")
+            dt = 1.0 / self.params.rate
         command = self.safety.filter(action, previous, dt)
         if command is None:
             self.counts["rejected_actions"] += 1
@@ -274,50 +278,17 @@ class TheiaPolicyNode(Node):
         self.counts["stale_ticks"] += 1
         if not self.stale:
             self.stale = True
-            what = "holding the last command" if self._param("on_stale") == "hold" else "commands stopped"
+            what = "holding the last command" if self.params.on_stale == "hold" else "commands stopped"
             self.get_logger().warning(f"{self._tag()}watchdog: newest observation is {age:.2f} s old "
-                                      f"(max_observation_age {self._param('max_observation_age')} s): {what}")
-        if self._param("on_stale") == "hold" and self.last_command is not None:
+                                      f"(max_observation_age {self.params.max_observation_age} s): {what}")
+        if self.params.on_stale == "hold" and self.last_command is not None:
             if self.policy.action_spec.mode == "velocity":
                 self._send(np.zeros_like(self.last_command))
             else:
                 self._send(self.last_command)
 
     def _send(self, command):
-        fmt = self._param("command_format")
-        joints = self.policy.action_spec.joint_names
-        values = [float(v) for v in command]
-        if fmt == "float64_multi_array":
-            msg = Float64MultiArray(data=values)
-        elif fmt == "ee_delta_pose":
-            from transforms3d.euler import euler2quat
-
-            msg = PoseStamped()
-            msg.header.stamp = self.get_clock().now().to_msg()
-            msg.header.frame_id = self._param("ee_frame")
-            msg.pose.position.x, msg.pose.position.y, msg.pose.position.z = values[:3]
-            w, x, y, z = euler2quat(*values[3:6], axes="sxyz")
-            msg.pose.orientation.w, msg.pose.orientation.x = float(w), float(x)
-            msg.pose.orientation.y, msg.pose.orientation.z = float(y), float(z)
-        elif fmt == "joint_trajectory":
-            msg = JointTrajectory(joint_names=joints)
-            msg.header.stamp = self.get_clock().now().to_msg()
-            point = JointTrajectoryPoint()
-            if self.policy.action_spec.mode == "velocity":
-                point.velocities = values
-            else:
-                point.positions = values
-            t = self._param("trajectory_time_from_start")
-            point.time_from_start.sec, point.time_from_start.nanosec = int(t), int((t % 1) * 1e9)
-            msg.points = [point]
-        else:
-            msg = JointState(name=joints)
-            msg.header.stamp = self.get_clock().now().to_msg()
-            if self.policy.action_spec.mode == "velocity":
-                msg.velocity = values
-            else:
-                msg.position = values
-        self.command_pub.publish(msg)
+        self.command_pub.publish(self._build_command([float(v) for v in command]))
         self.counts["commands"] += 1
         self.command_rate.tick()
 
@@ -326,21 +297,17 @@ class TheiaPolicyNode(Node):
         return "[RANDOM WEIGHTS] " if self.random_features else ""
 
     def _publish_diagnostics(self):
-        array = DiagnosticArray()
-        array.header.stamp = self.get_clock().now().to_msg()
-        status = DiagnosticStatus(name=f"{self.get_name()}: policy", hardware_id=self.policy.name)
-        problems = self.random_features or self.stale or self.counts["rejected_actions"]
-        status.level = DiagnosticStatus.WARN if problems else DiagnosticStatus.OK
-        status.message = ("disabled" if not self.enabled else "stale observations: not commanding" if self.stale
-                          else "commanding") + (" (features from RANDOM WEIGHTS)" if self.random_features else "")
+        message = ("disabled" if not self.enabled else "stale observations: not commanding" if self.stale
+                   else "commanding") + (" (features from RANDOM WEIGHTS)" if self.random_features else "")
         p = self.act_latency.percentiles_ms()
         values = {"enabled": self.enabled, "stale": self.stale, "command_hz": round(self.command_rate.rate(), 2),
                   "act_ms_p50": round(p[50], 3), "act_ms_p99": round(p[99], 3),
                   "observation_age_s": round(self.buffer.age(self._now()), 3),
                   "random_weight_features": self.random_features, **self.counts, **self.safety.counts}
-        status.values = [KeyValue(key=k, value=str(v)) for k, v in values.items()]
-        array.status.append(status)
-        self.diag_pub.publish(array)
+        warn = bool(self.random_features or self.stale or self.counts["rejected_actions"])
+        status = diagnostic_status(f"{self.get_name()}: policy", self.policy.name, warn=warn, message=message,
+                                   values=values)
+        self.diag_pub.publish(diagnostic_array(self, [status]))
 
 
 def main(argv=None):

@@ -31,24 +31,65 @@ import time
 
 import rclpy
 from builtin_interfaces.msg import Time
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
 from rclpy.parameter import Parameter
-from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import CameraInfo, Image, JointState
-from std_msgs.msg import Float64MultiArray, String
+from std_msgs.msg import String
 from std_srvs.srv import Trigger
-from trajectory_msgs.msg import JointTrajectory
 
-from theia_ros.stamps import sec_nanosec
-from theia_ros.nodes.runtime import declare, run_node
+from theia_ros.commands import COMMAND_FORMATS, read_float64_multi_array, trajectory_points
+from theia_ros.nodes.diagnostics import diagnostic_array, diagnostic_status
+from theia_ros.nodes.parameters import Param, declare_parameters, read_parameters
+from theia_ros.nodes.qos import qos_profile
+from theia_ros.nodes.runtime import message_class, run_node
 from theia_ros.nodes.stats import LatencyWindow, LogThrottle, RateMeter
+from theia_ros.stamps import sec_nanosec
 
 STATUS_TOPIC = "sim/episode"
-LATCHED = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
-                     durability=DurabilityPolicy.TRANSIENT_LOCAL)
+POSITIONS = COMMAND_FORMATS["float64_multi_array"]  # the 7 arm joint positions (a forward position controller)
+TRAJECTORY = COMMAND_FORMATS["joint_trajectory"]
+
+SIM_PARAMETERS = (
+    Param("cameras", ["front", "wrist"], "Cameras to publish: front (fixed, facing the robot across the table) "
+          "and/or wrist (on the hand). Topics <camera>/image_raw and <camera>/camera_info."),
+    Param("camera_rate", 15.0, "Frames per second per camera (simulation time).", float_range=(0.1, 120.0)),
+    Param("width", 640, "Image width (pixels).", int_range=(16, 1920)),
+    Param("height", 480, "Image height (pixels).", int_range=(16, 1080)),
+    Param("image_qos", "reliable", "reliable (every subscriber matches) or best_effort.",
+          choices=("reliable", "best_effort")),
+    Param("start_time", -1.0, "Simulation time (s) at start: -1 (default) starts at the wall-clock time, so stamps "
+          "look like a real robot's (and, at real-time factor 1, stay close to it); 0 starts at zero like "
+          "Gazebo.", float_range=(-1.0, 1e10)),
+    Param("physics_rate", 500.0, "Physics steps per second of simulation time.", float_range=(50.0, 5000.0)),
+    Param("real_time_factor", 1.0, "Simulation seconds per wall second the loop aims at; 0: as fast as "
+          "possible. Measured value in /diagnostics.", float_range=(0.0, 100.0)),
+    Param("joint_state_rate", 100.0, "joint_states messages per second (simulation time).",
+          float_range=(1.0, 1000.0)),
+    Param("clock_rate", 100.0, "/clock messages per second (simulation time).", float_range=(1.0, 1000.0)),
+    Param("status_rate", 2.0, "sim/episode messages per second besides those on reset and success.",
+          float_range=(0.1, 100.0)),
+    Param("max_joint_speed", 1.0, "Largest speed (rad/s) of the position target the actuators get; commanded "
+          "jumps are followed at this speed. 0: no limit.", float_range=(0.0, 100.0)),
+    Param("seed", 0, "Seed of the next episode (~/reset); set it, then call ~/reset. Advances by one after "
+          "each reset.", int_range=(0, 2**31 - 1), read_only=False),
+    Param("episode_timeout", 0.0, "Episode length (s of simulation time) after which `done` is set in the "
+          "status; 0: no limit.", float_range=(0.0, 3600.0)),
+    Param("auto_reset", False, "Start the next episode (next seed) when one times out."),
+    Param("home_noise", 0.0, "Uniform noise (rad) on the arm's start pose per episode.", float_range=(0.0, 0.5)),
+    Param("distractors", 0, "Extra objects on the table (other colours and shapes), placed per episode.",
+          int_range=(0, 4)),
+    Param("object_placement", "quasi_random", "Cube place per seed: quasi_random (point `seed` of a "
+          "low-discrepancy sequence: consecutive seeds cover the table area evenly) or uniform (random).",
+          choices=("quasi_random", "uniform")),
+    Param("target_height", 0.12, "Reach target: this far (m) above the cube's centre.", float_range=(0.0, 1.0)),
+    Param("success_distance", 0.05, "Success: end effector within this distance (m) of the target ...",
+          float_range=(0.001, 1.0)),
+    Param("success_hold", 0.5, "... for this long (s).", float_range=(0.0, 60.0)),
+    Param("diagnostics_period", 1.0, "Seconds (wall) between /diagnostics messages.", float_range=(0.1, 60.0)),
+)
 
 
 def to_stamp(seconds):
@@ -71,29 +112,26 @@ def camera_info(width, height, fovy_deg, frame_id):
 class TheiaSimNode(Node):
     def __init__(self, **kwargs):
         super().__init__("theia_sim", **kwargs)
-        self._declare_parameters()
-        p = self._param
+        declare_parameters(self, SIM_PARAMETERS)
+        # read once; only `seed` changes at run time (set_parameters, ~/reset): _on_reset reads it then
+        self.params = p = read_parameters(self, SIM_PARAMETERS)
         from theia_ros.sim import ReachConfig, SceneConfig, SimConfig, Simulation
 
-        width, height = p("width"), p("height")
-        scene = SceneConfig(distractors=p("distractors"), max_width=max(width, 64),
-                            max_height=max(height, 64))
-        task = ReachConfig(placement=p("object_placement"), target_height=p("target_height"),
-                           success_distance=p("success_distance"),
-                           success_hold=p("success_hold"))
-        self.sim = Simulation(SimConfig(physics_hz=p("physics_rate"), max_joint_speed=p("max_joint_speed"),
-                                        home_noise=p("home_noise"), seed=p("seed"), scene=scene, task=task))
-        self.time_offset = p("start_time") if p("start_time") >= 0 else time.time()  # reset when run() starts
-        self.set_parameters([Parameter("seed", value=p("seed") + 1)])
+        width, height = p.width, p.height
+        scene = SceneConfig(distractors=p.distractors, max_width=max(width, 64), max_height=max(height, 64))
+        task = ReachConfig(placement=p.object_placement, target_height=p.target_height,
+                           success_distance=p.success_distance, success_hold=p.success_hold)
+        self.sim = Simulation(SimConfig(physics_hz=p.physics_rate, max_joint_speed=p.max_joint_speed,
+                                        home_noise=p.home_noise, seed=p.seed, scene=scene, task=task))
+        self.time_offset = p.start_time if p.start_time >= 0 else time.time()  # reset when run() starts
+        self.set_parameters([Parameter("seed", value=p.seed + 1)])
         self.add_on_set_parameters_callback(self._on_set_parameters)
-        names = list(p("cameras"))
+        names = list(p.cameras)
         unknown = [c for c in names if c not in self.sim.cameras]
         if unknown or len(set(names)) != len(names):
             raise ValueError(f"parameter cameras={names}: distinct names from {self.sim.cameras}")
         self.width, self.height = width, height
-        image_qos = QoSProfile(depth=2, history=HistoryPolicy.KEEP_LAST,
-                               reliability=(ReliabilityPolicy.BEST_EFFORT if p("image_qos") == "best_effort"
-                                            else ReliabilityPolicy.RELIABLE))
+        image_qos = qos_profile("sensor_data" if p.image_qos == "best_effort" else "reliable", 2)
         self.cameras = []
         for name in names:
             frame = f"{name}_optical_frame"
@@ -108,13 +146,14 @@ class TheiaSimNode(Node):
         for cam in self.cameras:  # the first render creates the GL context: not inside the timed loop
             self.sim.render(cam["name"], width, height)
         self.gl_seconds = time.perf_counter() - t0
-        self.joint_pub = self.create_publisher(JointState, "joint_states", 10)
-        self.clock_pub = self.create_publisher(Clock, "/clock",
-                                               QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE))
-        self.status_pub = self.create_publisher(String, STATUS_TOPIC, LATCHED)
-        self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self.create_subscription(Float64MultiArray, "commands", self._on_commands, 10)
-        self.create_subscription(JointTrajectory, "joint_trajectory", self._on_trajectory, 10)
+        self.joint_pub = self.create_publisher(JointState, "joint_states", qos_profile("reliable", 10))
+        self.clock_pub = self.create_publisher(Clock, "/clock", qos_profile("reliable", 1))
+        self.status_pub = self.create_publisher(String, STATUS_TOPIC, qos_profile("latched"))
+        self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", qos_profile("reliable", 10))
+        self.create_subscription(message_class(POSITIONS.message_type), POSITIONS.topic, self._on_commands,
+                                 qos_profile("reliable", 10))
+        self.create_subscription(message_class(TRAJECTORY.message_type), TRAJECTORY.topic, self._on_trajectory,
+                                 qos_profile("reliable", 10))
         self.create_service(Trigger, "~/reset", self._on_reset)
         self._throttle = LogThrottle(period=2.0)
         self.publish_time = LatencyWindow()
@@ -124,54 +163,11 @@ class TheiaSimNode(Node):
         self.get_logger().info(
             f"Franka Panda reach task (MuJoCo, scene loaded in {self.sim.load_seconds:.2f} s, renderer in "
             f"{self.gl_seconds:.2f} s): cameras "
-            f"{names} {width}x{height} at {p('camera_rate')} Hz, physics {p('physics_rate')} Hz, real-time factor "
-            f"{p('real_time_factor') or 'max'}; commands on {self.resolve_topic_name('commands')} (joints "
+            f"{names} {width}x{height} at {p.camera_rate} Hz, physics {p.physics_rate} Hz, real-time factor "
+            f"{p.real_time_factor or 'max'}; commands on {self.resolve_topic_name(POSITIONS.topic)} (joints "
             f"{self.sim.joint_names}), episode {self.sim.episode} seed {self.sim.seed}")
 
     # ------------------------------------------------------------------ parameters
-    def _declare_parameters(self):
-        def d(name, default, description, int_range=None, float_range=None, read_only=True):
-            declare(self, name, default, description, int_range=int_range, float_range=float_range,
-                    read_only=read_only)
-
-        d("cameras", ["front", "wrist"], "Cameras to publish: front (fixed, facing the robot across the table) "
-          "and/or wrist (on the hand). Topics <camera>/image_raw and <camera>/camera_info.")
-        d("camera_rate", 15.0, "Frames per second per camera (simulation time).", float_range=(0.1, 120.0))
-        d("width", 640, "Image width (pixels).", int_range=(16, 1920))
-        d("height", 480, "Image height (pixels).", int_range=(16, 1080))
-        d("image_qos", "reliable", "reliable (every subscriber matches) or best_effort.")
-        d("start_time", -1.0, "Simulation time (s) at start: -1 (default) starts at the wall-clock time, so stamps "
-          "look like a real robot's (and, at real-time factor 1, stay close to it); 0 starts at zero like "
-          "Gazebo.", float_range=(-1.0, 1e10))
-        d("physics_rate", 500.0, "Physics steps per second of simulation time.", float_range=(50.0, 5000.0))
-        d("real_time_factor", 1.0, "Simulation seconds per wall second the loop aims at; 0: as fast as "
-          "possible. Measured value in /diagnostics.", float_range=(0.0, 100.0))
-        d("joint_state_rate", 100.0, "joint_states messages per second (simulation time).",
-          float_range=(1.0, 1000.0))
-        d("clock_rate", 100.0, "/clock messages per second (simulation time).", float_range=(1.0, 1000.0))
-        d("status_rate", 2.0, "sim/episode messages per second besides those on reset and success.",
-          float_range=(0.1, 100.0))
-        d("max_joint_speed", 1.0, "Largest speed (rad/s) of the position target the actuators get; commanded "
-          "jumps are followed at this speed. 0: no limit.", float_range=(0.0, 100.0))
-        d("seed", 0, "Seed of the next episode (~/reset); set it, then call ~/reset. Advances by one after "
-          "each reset.", int_range=(0, 2**31 - 1), read_only=False)
-        d("episode_timeout", 0.0, "Episode length (s of simulation time) after which `done` is set in the "
-          "status; 0: no limit.", float_range=(0.0, 3600.0))
-        d("auto_reset", False, "Start the next episode (next seed) when one times out.")
-        d("home_noise", 0.0, "Uniform noise (rad) on the arm's start pose per episode.", float_range=(0.0, 0.5))
-        d("distractors", 0, "Extra objects on the table (other colours and shapes), placed per episode.",
-          int_range=(0, 4))
-        d("object_placement", "quasi_random", "Cube place per seed: quasi_random (point `seed` of a "
-          "low-discrepancy sequence: consecutive seeds cover the table area evenly) or uniform (random).")
-        d("target_height", 0.12, "Reach target: this far (m) above the cube's centre.", float_range=(0.0, 1.0))
-        d("success_distance", 0.05, "Success: end effector within this distance (m) of the target ...",
-          float_range=(0.001, 1.0))
-        d("success_hold", 0.5, "... for this long (s).", float_range=(0.0, 60.0))
-        d("diagnostics_period", 1.0, "Seconds (wall) between /diagnostics messages.", float_range=(0.1, 60.0))
-
-    def _param(self, name):
-        return self.get_parameter(name).value
-
     def _on_set_parameters(self, params):
         for param in params:
             if param.name == "seed" and (not isinstance(param.value, int) or param.value < 0):
@@ -188,24 +184,20 @@ class TheiaSimNode(Node):
         from theia_ros.sim import CommandError
 
         try:
-            self.sim.command(list(msg.data))
+            self.sim.command(read_float64_multi_array(msg)[1])
         except CommandError as exc:
-            self._warn(("commands", exc.reason), f"rejected command on commands ({exc.reason}): {exc}")
+            self._warn(("commands", exc.reason), f"rejected command on {POSITIONS.topic} ({exc.reason}): {exc}")
 
     def _on_trajectory(self, msg):
         from theia_ros.sim import CommandError
 
-        points = []
-        for point in msg.points:
-            t = point.time_from_start.sec + point.time_from_start.nanosec * 1e-9
-            points.append((t, list(point.positions)))
         try:
-            self.sim.command_trajectory(list(msg.joint_names) or None, points)
+            self.sim.command_trajectory(list(msg.joint_names) or None, trajectory_points(msg))
         except CommandError as exc:
             self._warn(("joint_trajectory", exc.reason), f"rejected trajectory ({exc.reason}): {exc}")
 
     def _on_reset(self, request, response):
-        seed = self._param("seed")
+        seed = self.get_parameter("seed").value  # the one parameter that changes at run time
         t = self.sim.task
         self.get_logger().info(
             f"episode {self.sim.episode} (seed {self.sim.seed}) ends after {self.sim.episode_time:.1f} s: "
@@ -228,7 +220,7 @@ class TheiaSimNode(Node):
 
     def _publish_status(self, status=None):
         status = status or self._status()
-        timeout = self._param("episode_timeout")
+        timeout = self.params.episode_timeout
         status["done"] = bool(timeout > 0 and self.sim.episode_time >= timeout)
         self.status_pub.publish(String(data=json.dumps(status)))
         self._last_success = (status["episode"], status["success"])
@@ -267,14 +259,12 @@ class TheiaSimNode(Node):
         self._rtf_window = [(w, s) for w, s in self._rtf_window if now - w <= 5.0] + [(now, self.sim.time)]
         (w0, s0), (w1, s1) = self._rtf_window[0], self._rtf_window[-1]
         rtf = (s1 - s0) / (w1 - w0) if w1 > w0 else float("nan")
-        target = self._param("real_time_factor")
+        target = self.params.real_time_factor
         counts = self.sim.counts
         rejected = sum(v for k, v in counts.items() if k.startswith("rejected_"))
-        status = DiagnosticStatus(name=f"{self.get_name()}: simulation", hardware_id="mujoco franka_panda")
         slow = target > 0 and rtf == rtf and rtf < 0.8 * target
-        status.level = DiagnosticStatus.WARN if slow or rejected else DiagnosticStatus.OK
-        status.message = (f"real-time factor {rtf:.2f}" + (f" (target {target:g})" if target > 0 else " (max)")
-                          + (f", {rejected} commands rejected" if rejected else ""))
+        message = (f"real-time factor {rtf:.2f}" + (f" (target {target:g})" if target > 0 else " (max)")
+                   + (f", {rejected} commands rejected" if rejected else ""))
         values = {"sim_time": round(self.time_offset + self.sim.time, 3), "real_time_factor": round(rtf, 3),
                   "target_real_time_factor": target, "episode": self.sim.episode, "seed": self.sim.seed,
                   "success": self.sim.task.success, "distance": round(self.sim.task.distance, 4),
@@ -287,28 +277,27 @@ class TheiaSimNode(Node):
             values[f"{cam['name']}_render_ms_p50"] = round(p[50], 3)
             values[f"{cam['name']}_render_ms_p99"] = round(p[99], 3)
             values[f"{cam['name']}_frames"] = cam["frames"]
-        status.values = [KeyValue(key=k, value=str(v)) for k, v in values.items()]
-        array_msg = DiagnosticArray(status=[status])
-        array_msg.header.stamp = self.get_clock().now().to_msg()
-        self.diag_pub.publish(array_msg)
+        status = diagnostic_status(f"{self.get_name()}: simulation", "mujoco franka_panda", warn=bool(slow or rejected),
+                                   message=message, values=values)
+        self.diag_pub.publish(diagnostic_array(self, [status]))
 
     # ------------------------------------------------------------------ main loop
     def run(self, executor):
         """Step, render and publish on this thread until shutdown; callbacks run between steps."""
-        sim = self.sim
+        sim, p = self.sim, self.params
         dt = sim.dt
-        period = {"clock": 1.0 / self._param("clock_rate"), "joints": 1.0 / self._param("joint_state_rate"),
-                  "cameras": 1.0 / self._param("camera_rate"), "status": 1.0 / self._param("status_rate")}
+        period = {"clock": 1.0 / p.clock_rate, "joints": 1.0 / p.joint_state_rate,
+                  "cameras": 1.0 / p.camera_rate, "status": 1.0 / p.status_rate}
         due = {k: sim.time for k in period}
         actions = {"clock": self._publish_clock, "joints": self._publish_joint_states,
                    "cameras": self._publish_cameras, "status": self._publish_status}
-        if self._param("start_time") < 0:
+        if p.start_time < 0:
             self.time_offset = time.time() - sim.time
         wall0, sim0 = time.monotonic(), sim.time
-        next_diag = wall0 + self._param("diagnostics_period")
+        next_diag = wall0 + p.diagnostics_period
         self._rtf_window = [(wall0, sim0)]
+        rtf, timeout = p.real_time_factor, p.episode_timeout
         while rclpy.ok(context=self.context):
-            rtf = self._param("real_time_factor")
             event = min(due.values())
             now = time.monotonic()
             if rtf > 0:
@@ -329,12 +318,11 @@ class TheiaSimNode(Node):
             current = (sim.episode, sim.task.success)
             if current != self._last_success:  # success just reached: say so at once
                 self._publish_status()
-            timeout = self._param("episode_timeout")
-            if timeout > 0 and sim.episode_time >= timeout and self._param("auto_reset"):
+            if timeout > 0 and sim.episode_time >= timeout and p.auto_reset:
                 self._on_reset(Trigger.Request(), Trigger.Response())
             if now >= next_diag:
                 self._publish_diagnostics()
-                next_diag = now + self._param("diagnostics_period")
+                next_diag = now + p.diagnostics_period
 
 
 def main(argv=None):

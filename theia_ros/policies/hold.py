@@ -5,7 +5,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from theia_ros.policies.base import Observation, Policy, PolicyConfigError, PolicyError
+from theia_ros.policies.errors import PolicyConfigError, PolicyError
+from theia_ros.policies.policy import Policy
+from theia_ros.policies.specs import Observation
 
 
 class HoldPolicy(Policy):

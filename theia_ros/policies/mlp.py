@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from theia_ros.policies.base import PolicyConfigError
+from theia_ros.policies.errors import PolicyConfigError
 from theia_ros.policies.torch_policy import ACTIVATIONS, TorchPolicy, check_dropout, check_int_list, make_mlp
 
 

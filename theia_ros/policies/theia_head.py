@@ -16,7 +16,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from theia_ros.policies.base import PolicyConfigError
+from theia_ros.policies.errors import PolicyConfigError
 from theia_ros.policies.torch_policy import TorchPolicy, check_dropout, check_int_list, make_mlp
 
 

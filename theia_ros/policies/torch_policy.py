@@ -6,7 +6,7 @@ holds the network (``module.net``) and the normalisation buffers ``proprio_mean`
 They default to 0 / 1 (identity); training code sets them with :meth:`TorchPolicy.set_normalization`
 and they are saved with the weights.
 
-Batches (:meth:`TorchPolicy.predict_batch`, :meth:`TorchPolicy.batch_from_observations`)::
+Batches (:meth:`TorchPolicy.predict_batch`, e.g. from a training set)::
 
     {"features": {camera: float tensor [B, history, *feature_shape]},
      "proprio": float tensor [B, history, n_proprio_joints]}      # absent without proprio joints
@@ -26,8 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from theia_ros.weights import shape_mismatches
-from theia_ros.policies.base import CheckpointError, Observation, Policy, PolicyConfigError, PolicyError
+from theia_ros.policies.errors import PolicyConfigError, PolicyError
+from theia_ros.policies.policy import Policy
+from theia_ros.policies.specs import Observation
+from theia_ros.weights import CheckpointError, shape_mismatches
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "elu": nn.ELU,
                "leaky_relu": nn.LeakyReLU}
@@ -108,31 +110,11 @@ class TorchPolicy(Policy):
                 raise PolicyConfigError(f"{name} must be finite" + (" and > 0" if name.endswith("std") else ""))
             getattr(self.module, name).copy_(t)
 
-    def normalization(self) -> dict[str, np.ndarray]:
-        """The current statistics as numpy arrays."""
-        return {k: getattr(self.module, k).detach().cpu().numpy().copy()
-                for k in ("proprio_mean", "proprio_std", "action_mean", "action_std")}
-
     def normalize_actions(self, actions: torch.Tensor) -> torch.Tensor:
         """Raw actions [B, action_dim] -> the normalised space :meth:`predict_batch` (normalized=True) uses."""
         return self.module.normalize_actions(actions.to(self.device, torch.float32))
 
     # ---- batches
-
-    def batch_from_observations(self, observations: Sequence[Observation]) -> dict:
-        """Stack observations into a batch of float32 tensors on the policy's device."""
-        if isinstance(observations, Observation):
-            observations = [observations]
-        cams = self.observation_spec.cameras
-        feats = {}
-        for cam in cams:
-            arr = np.stack([np.asarray(o.features[cam], dtype=np.float32) for o in observations])
-            feats[cam] = torch.from_numpy(arr).to(self.device)
-        batch = {"features": feats}
-        if self.observation_spec.proprio_joints:
-            arr = np.stack([np.asarray(o.proprio, dtype=np.float32) for o in observations])
-            batch["proprio"] = torch.from_numpy(arr).to(self.device)
-        return batch
 
     def predict_batch(self, batch: Mapping, *, normalized: bool = False) -> torch.Tensor:
         """Actions [B, action_dim] for a batch (differentiable; honours the module's train/eval
@@ -165,17 +147,23 @@ class TorchPolicy(Policy):
         return out if normalized else self.module.unnormalize_actions(out)
 
     def _act(self, observation: Observation) -> np.ndarray:
-        batch = self.batch_from_observations([observation])
+        # act() checked the observation against the spec: a batch of one goes straight to the module
+        feats = [self._tensor(observation.features[cam]) for cam in self.observation_spec.cameras]
+        proprio = self._tensor(observation.proprio) if self.observation_spec.proprio_joints else None
         was_training = self.module.training
         if was_training:
             self.module.eval()
         try:
             with torch.inference_mode():
-                out = self.predict_batch(batch)
+                out = self.module.unnormalize_actions(self.module(feats, proprio))
         finally:
             if was_training:
                 self.module.train()
         return out[0].to("cpu", torch.float64).numpy()
+
+    def _tensor(self, array) -> torch.Tensor:
+        """float32 tensor [1, *array.shape] on the policy's device."""
+        return torch.from_numpy(np.asarray(array, dtype=np.float32)[None]).to(self.device)
 
     # ---- weights
 

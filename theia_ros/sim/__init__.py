@@ -13,9 +13,9 @@ import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-from theia_ros.sim.core import HOME, REJECT_REASONS, CommandError, RenderError, ReachExpert, SimConfig, Simulation  # noqa: E402
-from theia_ros.sim.scene import AssetsNotFound, CameraSpec, SceneConfig, franka_assets_dir  # noqa: E402
-from theia_ros.sim.task import ReachConfig, ReachTask  # noqa: E402
+from theia_ros.sim.core import HOME, REJECT_REASONS, CommandError, ReachExpert, RenderError, SimConfig, Simulation  # noqa: E402 (mujoco must load after MUJOCO_GL is set above)
+from theia_ros.sim.scene import AssetsNotFound, CameraSpec, SceneConfig, franka_assets_dir  # noqa: E402 (mujoco must load after MUJOCO_GL is set above)
+from theia_ros.sim.task import ReachConfig, ReachTask  # noqa: E402 (mujoco must load after MUJOCO_GL is set above)
 
 __all__ = ["HOME", "REJECT_REASONS", "AssetsNotFound", "CameraSpec", "CommandError", "ReachConfig", "ReachExpert",
            "ReachTask", "RenderError", "SceneConfig", "SimConfig", "Simulation", "franka_assets_dir"]

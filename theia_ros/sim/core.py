@@ -23,13 +23,21 @@ from dataclasses import dataclass, field
 _GL_PRESET = "mujoco" in sys.modules
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-import mujoco  # noqa: E402
-import numpy as np  # noqa: E402
+import mujoco  # noqa: E402 (mujoco must load after MUJOCO_GL is set above)
+import numpy as np  # noqa: E402 (mujoco must load after MUJOCO_GL is set above)
 
-from theia_ros.sim.ik import SiteIK  # noqa: E402
-from theia_ros.sim.scene import (ARM_JOINTS, CUBE_BODY, EE_SITE, FINGER_JOINTS, ROS_JOINT_NAMES, TABLE_TOP_Z,  # noqa: E402
-                    SceneConfig, build_mjcf)
-from theia_ros.sim.task import ReachConfig, ReachTask  # noqa: E402
+from theia_ros.sim.ik import SiteIK  # noqa: E402 (mujoco must load after MUJOCO_GL is set above)
+from theia_ros.sim.scene import (  # noqa: E402 (mujoco must load after MUJOCO_GL is set above)
+    ARM_JOINTS,
+    CUBE_BODY,
+    EE_SITE,
+    FINGER_JOINTS,
+    ROS_JOINT_NAMES,
+    TABLE_TOP_Z,
+    SceneConfig,
+    build_mjcf,
+)
+from theia_ros.sim.task import ReachConfig, ReachTask  # noqa: E402 (mujoco must load after MUJOCO_GL is set above)
 
 # gripper pointing down above the table (this model's joint 6 is the real Panda's minus pi/2)
 HOME = (0.0, -0.785, 0.0, -2.356, 0.0, 0.0, 0.785)
@@ -69,7 +77,6 @@ class Simulation:
         self.data = mujoco.MjData(self.model)
         self.load_seconds = time.perf_counter() - t0
         m = self.model
-        self.arm_joints = list(ARM_JOINTS)
         self.joint_names = [ROS_JOINT_NAMES[j] for j in ARM_JOINTS]  # commanded joints (ROS names)
         self.state_joint_names = [ROS_JOINT_NAMES[j] for j in ARM_JOINTS + FINGER_JOINTS]
         ids = [m.joint(j).id for j in ARM_JOINTS + FINGER_JOINTS]
@@ -130,9 +137,6 @@ class Simulation:
 
     def ee_position(self) -> np.ndarray:
         return self.data.site_xpos[self._ee].copy()
-
-    def ee_rotation(self) -> np.ndarray:
-        return self.data.site_xmat[self._ee].reshape(3, 3).copy()
 
     def object_position(self) -> np.ndarray:
         return self.data.xpos[self._cube_body].copy()

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
 _PLASTIC = 1.32471795724474602596  # R2 sequence (Roberts 2018): low-discrepancy points in the unit square
 R2_STEP = (1.0 / _PLASTIC, 1.0 / _PLASTIC ** 2)
 
