@@ -25,10 +25,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from theia_ros.distill import teachers as T  # noqa: E402
-from theia_ros.distill.student import StudentForward, build_student, distill_loss  # noqa: E402
-from theia_ros.encoder.model import TEACHER_FEATURE_SIZES  # noqa: E402
-from theia_ros.preprocess import to_model_input  # noqa: E402
+from theia_ros.distill import teachers as T  # noqa: E402 (after the sys.path insert)
+from theia_ros.distill.student import StudentForward, build_student, distill_loss  # noqa: E402 (after the sys.path insert)
+from theia_ros.encoder.config import TEACHER_FEATURE_SIZES  # noqa: E402 (after the sys.path insert)
+from theia_ros.preprocess import to_model_input  # noqa: E402 (after the sys.path insert)
 
 
 def images(n, seed=0):
@@ -108,7 +108,7 @@ def main(argv=None):
             with torch.no_grad():
                 T.FEATURE_EXTRACTORS[spec.feature](teacher.model, pre)
         row("teacher (small config)", f"{name} -> {'x'.join(map(str, spec.small_target))}", args.teacher_batch,
-            measure(lambda: teacher(x), args.reps), fc.get_total_flops() / 1e9)
+            measure(lambda teacher=teacher: teacher(x), args.reps), fc.get_total_flops() / 1e9)
 
     for name in args.full:
         spec = T.resolve_teacher(name)
@@ -117,7 +117,7 @@ def main(argv=None):
         teacher = T.build_teacher(spec, "random")
         build_s = time.perf_counter() - t0
         x = images(args.full_batch)
-        secs = measure(lambda: teacher(x), args.full_batches, warmup=0)
+        secs = measure(lambda teacher=teacher: teacher(x), args.full_batches, warmup=0)
         row("teacher (full size, random)", f"{name} -> {'x'.join(map(str, spec.target))} "
             f"({teacher.num_parameters() / 1e6:.0f} M params, built in {build_s:.0f} s)", args.full_batch, secs,
             teacher_flops_meta(spec, "random") / 1e9)

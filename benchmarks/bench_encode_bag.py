@@ -9,7 +9,7 @@ joint states at 100 Hz, then, interleaved in rounds so that a noisy shared machi
 over both:
   * baseline: FeatureEncoder.encode on the same frames already decoded to RGB arrays, in batches of
     --batch (preprocessing + inference, what the backend does on its own);
-  * encode-bag: theia_ros.bags.encode_bag on the bag (read, deserialise, decode in a thread;
+  * encode-bag: theia_ros.bags.encode.encode_bag on the bag (read, deserialise, decode in a thread;
     inference; serialise and write in a thread; joint states copied), same encoder and batch size,
     timed from opening the output to closing it (model loading excluded, as for the baseline).
 Ratio = encode-bag frames/s / baseline frames/s per round; the median over rounds must be >= 0.85.
@@ -98,7 +98,8 @@ def main(argv=None):
     try:
         src = tmp / "in"
         frames = make_bag(src, args.frames, args.storage)
-        encoder = load_encoder(args.source, seed=0, max_batch=args.batch)
+        # eager torch on the CPU, as when the budget was set (encode-bag's own default is the auto backend)
+        encoder = load_encoder(args.source, seed=0, backend="torch", device="cpu", max_batch=args.batch)
         size = sum(p.stat().st_size for p in src.iterdir())
 
         def baseline():

@@ -13,12 +13,14 @@ from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 
 from theia_ros.bags import io as bag_io
 from theia_ros.bags.encode import load_encoder
-from theia_ros.stamps import stamp_ns
 from theia_ros.cli.main import main
 from theia_ros.images import decode_compressed
+from theia_ros.stamps import stamp_ns
 
 RANDOM_TINY = "random:theia-tiny-patch16-224-cddsv"
-ENCODE = ["--model", RANDOM_TINY, "--seed", "3", "--batch", "4", "--threads", "1", "--no-progress"]
+# torch on the CPU (not the default auto backend and device): outputs compared with `encoder` to 1e-5
+ENCODE = ["--model", RANDOM_TINY, "--seed", "3", "--backend", "torch", "--device", "cpu", "--batch", "4",
+          "--threads", "1", "--no-progress"]
 IMAGE, COMPRESSED = bag_io.IMAGE_TYPE, bag_io.COMPRESSED_IMAGE_TYPE
 
 
@@ -32,7 +34,7 @@ def _restore_torch_threads():
 @pytest.fixture(scope="module")
 def encoder():
     # the same cached instance encode-bag uses for these arguments (the model is built once)
-    return load_encoder(RANDOM_TINY, seed=3, max_batch=4)
+    return load_encoder(RANDOM_TINY, seed=3, backend="torch", device="cpu", max_batch=4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +162,8 @@ def test_encode_bag_matches_the_encoder_and_copies_other_topics(tmp_path, capsys
             np.testing.assert_allclose(_array(m), ref.numpy(), atol=1e-5, rtol=0)
     for topic, items in expect["copied"].items():
         assert msgs[topic] == items  # byte-identical, same timestamps
-        assert conns[topic].msgtype in ("sensor_msgs/msg/JointState", "std_msgs/msg/String")
+    assert conns["/joint_states"].msgtype == "sensor_msgs/msg/JointState"
+    assert conns["/note"].msgtype == "std_msgs/msg/String"
     assert "/front/image_raw" not in msgs
 
     assert main(["inspect", str(out)]) == 0
@@ -197,7 +200,8 @@ def test_no_copy_camera_choice_and_overwrite_refusal(tmp_path, capsys, encoder):
     msgs, _, meta = read_bag(out2)
     assert sorted(msgs) == ["/wrist/theia"] and len(msgs["/wrist/theia"]) == 3
     assert meta["version"] == 8  # pre-Jazzy metadata: QoS profiles as a YAML string (see docs/bags.md)
-    assert all(isinstance(t["topic_metadata"]["offered_qos_profiles"], str) for t in meta["topics_with_message_count"])
+    (topic_meta,) = [t["topic_metadata"] for t in meta["topics_with_message_count"]]
+    assert topic_meta["name"] == "/wrist/theia" and isinstance(topic_meta["offered_qos_profiles"], str)
     m = bag_io.deserialize(msgs["/wrist/theia"][0][1], bag_io.FEATURES_TYPE)
     assert _array(m).dtype == np.float16 and m.camera == "wrist"
     assert main(args) == 1  # exists now
@@ -251,10 +255,11 @@ def test_features_of_a_live_encoder_node_recorded_and_read_back(ros_client, tmp_
     from rclpy.serialization import deserialize_message, serialize_message
     from sensor_msgs.msg import Image
 
-    from ros_helpers import NodeProcess
     from theia_ros.bags.record import BagRecorder
-    from theia_ros.nodes.recorder import RecorderNode
     from theia_ros.msg import Features
+    from theia_ros.nodes.recorder import RecorderNode
+
+    from ros_helpers import NodeProcess
 
     params = tmp_path / "encoder.yaml"
     params.write_text(yaml.safe_dump({"theia_encoder": {"ros__parameters": {
@@ -336,7 +341,8 @@ def _features_cdr(t_ns, array, camera="front"):
 
 
 def test_train_policy_aligns_actions_of_each_kind(tmp_path, capsys):
-    from theia_ros.bags.train_policy import TrainError, build_dataset, read_bag as read_training_bag
+    from theia_ros.bags.train_policy import TrainError, build_dataset
+    from theia_ros.bags.train_policy import read_bag as read_training_bag
 
     path = tmp_path / "feats"
     w = open_writer(path, "sqlite3")

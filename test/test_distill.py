@@ -26,7 +26,9 @@ from theia_ros.distill.sources import BagSource, FolderSource, build_index, data
 from theia_ros.distill.student import STATS_FILE, distill_loss, load_feature_stats
 from theia_ros.distill.teachers import TEACHERS, build_teacher
 from theia_ros.distill.train import StreamSampler, lr_factor
-from theia_ros.encoder.model import TEACHER_FEATURE_SIZES, checkpoint_key_order, load_model
+from theia_ros.encoder.checkpoint import checkpoint_key_order
+from theia_ros.encoder.config import TEACHER_FEATURE_SIZES
+from theia_ros.encoder.model import load_model
 from theia_ros.weights import read_safetensors_header
 
 TEACHER_NAMES = ["clip", "dinov2"]
@@ -62,8 +64,8 @@ def synthetic_image(rng, h, w):
 
 def write_bag(path, rng, n=8):
     store = bag_io.typestore()
-    T = {k.rsplit("/", 1)[-1]: v for k, v in store.types.items()
-         if k in ("builtin_interfaces/msg/Time", "std_msgs/msg/Header", bag_io.IMAGE_TYPE, bag_io.COMPRESSED_IMAGE_TYPE)}
+    names = ("builtin_interfaces/msg/Time", "std_msgs/msg/Header", bag_io.IMAGE_TYPE, bag_io.COMPRESSED_IMAGE_TYPE)
+    T = {k.rsplit("/", 1)[-1]: v for k, v in store.types.items() if k in names}
     w = Writer(path, version=9, storage_plugin=StoragePlugin.MCAP)
     w.open()
     raw = w.add_connection("/front/image_raw", bag_io.IMAGE_TYPE, typestore=store)

@@ -18,13 +18,32 @@ from typing import Any
 
 import numpy as np
 
-from theia_ros.bags.io import (BAG_VERSIONS, CAMERA_TYPES, COMPRESSED_IMAGE_TYPE, CUSTOM_DATA_KEY, FEATURES_TYPE,
-                               IMAGE_TYPE, STORAGES, BagError, BagReadError, _ensure_type, _make_writer,
-                               deserialize, open_reader, prepare_output, typestore)
+from theia_ros.bags.io import (
+    CAMERA_TYPES,
+    COMPRESSED_IMAGE_TYPE,
+    CUSTOM_DATA_KEY,
+    DEFAULT_BAG_VERSION,
+    DEFAULT_STORAGE,
+    FEATURES_TYPE,
+    IMAGE_TYPE,
+    BagError,
+    BagReadError,
+    check_output_format,
+    decode_camera_message,
+    ensure_connection_type,
+    make_writer,
+    open_bag,
+    prepare_output,
+    typestore,
+)
+from theia_ros.encoder.config import ENCODER_DEFAULTS
+from theia_ros.features import to_features_msg
+from theia_ros.images import ImageDecodeError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "theaiinstitute/theia-tiny-patch16-224-cddsv"
+#: frames read and encoded per inference (also the encoder's max_batch) unless told otherwise
+DEFAULT_BATCH = 8
 
 
 # image_transport suffixes stripped before taking a camera topic's namespace
@@ -98,24 +117,6 @@ def select_cameras(connections, cameras=None) -> dict[str, str]:
     return chosen
 
 
-def decode_camera_message(raw, msgtype: str):
-    """(header, RGB uint8 [H, W, 3]) of a serialized Image / CompressedImage.
-
-    Raises ImageDecodeError (from theia_ros.preprocess) for anything undecodable.
-    """
-    from theia_ros.images import ImageDecodeError, decode_compressed, image_to_rgb
-
-    try:
-        msg = deserialize(raw, msgtype)
-    except Exception as exc:
-        raise ImageDecodeError(f"undecodable {msgtype.rsplit('/', 1)[-1]} message: {exc}") from None
-    if msgtype == IMAGE_TYPE:
-        rgb = image_to_rgb(msg.data, msg.height, msg.width, msg.step, msg.encoding)
-    else:
-        rgb = decode_compressed(msg.data, msg.format)
-    return msg.header, rgb
-
-
 @functools.lru_cache(maxsize=2)
 def _cached_encoder(source, seed, backend, precision, device, max_batch, representation, output_dtype):
     from theia_ros.encoder.pipeline import FeatureEncoder
@@ -124,8 +125,10 @@ def _cached_encoder(source, seed, backend, precision, device, max_batch, represe
                                max_batch=max_batch, representation=representation, output_dtype=output_dtype)
 
 
-def load_encoder(source=DEFAULT_MODEL, *, seed=None, backend="torch", precision="fp32", device="cpu",
-                 max_batch=8, representation="tokens", output_dtype="float32"):
+def load_encoder(source=ENCODER_DEFAULTS["model"], *, seed=ENCODER_DEFAULTS["seed"],
+                 backend=ENCODER_DEFAULTS["backend"], precision=ENCODER_DEFAULTS["precision"],
+                 device=ENCODER_DEFAULTS["device"], max_batch=ENCODER_DEFAULTS["max_batch"],
+                 representation=ENCODER_DEFAULTS["representation"], output_dtype=ENCODER_DEFAULTS["output_dtype"]):
     """FeatureEncoder.load, cached per process (repeated CLI calls in one process share the model)."""
     try:
         return _cached_encoder(source, seed, backend, precision, device, int(max_batch), representation,
@@ -164,6 +167,77 @@ class EncodeResult:
         return (self.frames_total + self.bad_total) / self.seconds if self.seconds > 0 else float("nan")
 
 
+def encode_bag(input_path, output_path, *, model=ENCODER_DEFAULTS["model"], seed=ENCODER_DEFAULTS["seed"],
+               backend=ENCODER_DEFAULTS["backend"], precision=ENCODER_DEFAULTS["precision"],
+               device=ENCODER_DEFAULTS["device"], representation=ENCODER_DEFAULTS["representation"],
+               dtype=ENCODER_DEFAULTS["output_dtype"], cameras=None, batch=DEFAULT_BATCH, copy=True, overwrite=False,
+               storage=DEFAULT_STORAGE, version=DEFAULT_BAG_VERSION, threads=ENCODER_DEFAULTS["threads"],
+               progress=True, encoder=None, queue_chunks=3, max_logged_bad=10) -> EncodeResult:
+    """Encode the camera topics of bag `input_path` into a new bag `output_path` (see module doc).
+
+    `cameras`: camera topics ('TOPIC' or 'TOPIC=FEATURES_TOPIC'), None: every image topic.
+    `encoder`: a ready FeatureEncoder (else loaded from model/seed/backend/...). `threads`: torch
+    intra-op threads, 0 keeps torch's default.
+    Raises :class:`BagError` before anything is written (bad arguments, output exists, no camera
+    topics), :class:`BagReadError` when the input turns out corrupt or truncated part-way: the
+    output then holds everything before the damage and is a complete, readable bag whose
+    custom_data says ``complete: false``.
+    """
+    input_path, output_path = Path(input_path), Path(output_path)
+    if batch < 1:
+        raise BagError(f"batch must be >= 1, got {batch}")
+    check_output_format(storage, version)
+    if not overwrite and (output_path.exists() or output_path.is_symlink()):
+        raise BagError(f"output {output_path} exists; pass --overwrite to replace it")
+    with open_bag(input_path, salvage=True) as reader:
+        connections = list(reader.connections)
+        topics = select_cameras(connections, cameras)
+        if threads:
+            import torch
+
+            torch.set_num_threads(int(threads))
+        if encoder is None:
+            encoder = load_encoder(model, seed=seed, backend=backend, precision=precision, device=device,
+                                   max_batch=batch, representation=representation, output_dtype=dtype)
+        prepare_output(output_path, [input_path], overwrite)
+        t_start = time.perf_counter()  # throughput excludes opening the bag and loading the model
+        run = _EncodeRun(reader, connections, topics, output_path, encoder, batch=batch, copy=copy,
+                         storage=storage, version=version, queue_chunks=queue_chunks,
+                         max_logged_bad=max_logged_bad, input_path=input_path)
+        return run.run(progress, t_start)
+
+
+def _copy_plan(store, connections, topics, copy):
+    """(input connection id -> output key, output key -> add_connection kwargs, skipped topics)."""
+    conn_key, specs, skipped = {}, {}, []
+    if not copy:
+        return conn_key, specs, skipped
+    for c in connections:
+        if c.topic in topics:
+            continue
+        key = (c.topic, c.msgtype)
+        if key not in specs and c.topic not in skipped:
+            msgdef, digest = (c.msgdef.data or None), (c.digest or None)
+            if (msgdef is None or digest is None) and ensure_connection_type(store, c):
+                msgdef = msgdef or store.generate_msgdef(c.msgtype, ros_version=2)[0]
+                digest = digest or store.hash_rihs01(c.msgtype)
+            if not msgdef or not digest:
+                log.warning("not copying %s (%s): the bag has no definition of that type", c.topic, c.msgtype)
+                skipped.append(c.topic)
+                continue
+            specs[key] = dict(topic=c.topic, msgtype=c.msgtype, msgdef=msgdef, rihs01=digest,
+                              serialization_format=c.ext.serialization_format,
+                              offered_qos_profiles=c.ext.offered_qos_profiles)
+        if key in specs:
+            conn_key[c.id] = key
+    return conn_key, specs, skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline: a read/decode thread, inference in the caller's thread, a write thread, joined by
+# bounded queues of chunks (lists of _Frame and _Copy in bag order).
+
+
 @dataclasses.dataclass
 class _Frame:
     conn: Any
@@ -180,11 +254,13 @@ class _Copy:
     raw: Any
 
 
+@dataclasses.dataclass
 class _ReadFailure:
-    def __init__(self, exc, messages, last_timestamp):
-        self.exc = exc
-        self.messages = messages
-        self.last_timestamp = last_timestamp
+    """The reader stopped at damage after `messages` messages (the last at `last_timestamp`)."""
+
+    exc: BaseException
+    messages: int
+    last_timestamp: int | None
 
 
 _END = object()
@@ -214,290 +290,251 @@ def _get(q, stop, alive):
                 raise _Stop() from None
 
 
-def encode_bag(input_path, output_path, *, model=DEFAULT_MODEL, seed=None, backend="torch", precision="fp32",
-               device="cpu", representation="tokens", dtype="float32", cameras=None, batch=8, copy=True,
-               overwrite=False, storage="mcap", version=9, threads=None, progress=True, encoder=None,
-               queue_chunks=3, max_logged_bad=10) -> EncodeResult:
-    """Encode the camera topics of bag `input_path` into a new bag `output_path` (see module doc).
-
-    `cameras`: camera topics ('TOPIC' or 'TOPIC=FEATURES_TOPIC'), None: every image topic.
-    `encoder`: a ready FeatureEncoder (else loaded from model/seed/backend/...).
-    Raises :class:`BagError` before anything is written (bad arguments, output exists, no camera
-    topics), :class:`BagReadError` when the input turns out corrupt or truncated part-way: the
-    output then holds everything before the damage and is a complete, readable bag whose
-    custom_data says ``complete: false``.
-    """
-    t_start = time.perf_counter()
-    input_path, output_path = Path(input_path), Path(output_path)
-    if batch < 1:
-        raise BagError(f"batch must be >= 1, got {batch}")
-    if storage not in STORAGES:
-        raise BagError(f"unknown storage {storage!r}; use one of {', '.join(STORAGES)}")
-    if version not in BAG_VERSIONS:
-        raise BagError(f"rosbag2 metadata version {version} cannot be written; use one of {BAG_VERSIONS}")
-    if not overwrite and (output_path.exists() or output_path.is_symlink()):
-        raise BagError(f"output {output_path} exists; pass --overwrite to replace it")
-    reader = open_reader(input_path, salvage=True)
+def _decode_frame(conn, timestamp, raw) -> _Frame:
     try:
-        connections = list(reader.connections)
-        topics = select_cameras(connections, cameras)
-        if threads:
-            import torch
+        header, rgb = decode_camera_message(raw, conn.msgtype)
+        return _Frame(conn, timestamp, header, rgb)
+    except ImageDecodeError as exc:
+        return _Frame(conn, timestamp, error=str(exc))
 
-            torch.set_num_threads(int(threads))
-        if encoder is None:
-            encoder = load_encoder(model, seed=seed, backend=backend, precision=precision, device=device,
-                                   max_batch=batch, representation=representation, output_dtype=dtype)
-        prepare_output(output_path, [input_path], overwrite)
-        t_start = time.perf_counter()  # throughput excludes opening the bag and loading the model
-        return _encode(reader, connections, topics, output_path, encoder, batch=batch, copy=copy, storage=storage,
-                       version=version, progress=progress, queue_chunks=queue_chunks,
-                       max_logged_bad=max_logged_bad, input_path=input_path, t_start=t_start)
-    finally:
+
+class _EncodeRun:
+    """One encode-bag pass (see the module doc); :meth:`run` returns the EncodeResult or raises."""
+
+    def __init__(self, reader, connections, topics, output_path, encoder, *, batch, copy, storage, version,
+                 queue_chunks, max_logged_bad, input_path):
+        self.reader, self.topics, self.encoder, self.batch = reader, topics, encoder, batch
+        self.output_path, self.input_path, self.max_logged_bad = output_path, input_path, max_logged_bad
+        self.meta = encoder.metadata
+        self.store = typestore()
+        self.features_cls = self.store.types[FEATURES_TYPE]
+        self.camera_conns = [c for c in connections if c.topic in topics and c.msgtype in CAMERA_TYPES]
+        self.conn_key, self.copy_specs, self.skipped_topics = _copy_plan(self.store, connections, topics, copy)
+        self.other_conns = [c for c in connections if c.id in self.conn_key]
+        self.cameras = {t: camera_name_for(t) for t in topics}
+        # sqlite3 objects are bound to their thread: the writer thread opens, uses and closes the writer
+        self.writer = make_writer(output_path, storage, version)
+
+        self.frames = {t: 0 for t in topics}
+        self.bad = {t: 0 for t in topics}
+        self.copied = 0
+        self.logged_bad = 0
+        self.stop = threading.Event()
+        self.writer_ready = threading.Event()
+        self.decoded_q = queue.Queue(maxsize=queue_chunks)
+        self.write_q = queue.Queue(maxsize=queue_chunks)
+        self.errors = {}  # thread name -> exception (a bug, or the output could not be written)
+        self.complete = False  # every message read and handed to the writer
+        self.read_failure = None
+        self.interrupted = None  # KeyboardInterrupt, or the encoder failed
+
+    def run(self, progress, t_start) -> EncodeResult:
+        reader_thread = threading.Thread(target=self.read_loop, name="encode-bag-read", daemon=True)
+        writer_thread = threading.Thread(target=self.write_loop, name="encode-bag-write", daemon=True)
+        writer_thread.start()
+        self.writer_ready.wait()
+        if self.errors:
+            writer_thread.join()
+            exc = self.errors["writer"]
+            raise BagError(f"cannot create the output bag {self.output_path}: {type(exc).__name__}: {exc}") from exc
+        bar = _progress_bar(sum(c.msgcount for c in self.camera_conns), f"encode {self.input_path.name}", progress)
+        reader_thread.start()
         try:
-            reader.close()
-        except Exception:  # a reader broken by a corrupt file may fail to close as well
+            self.read_failure = self.infer_loop(bar, reader_thread.is_alive)
+            self.complete = self.read_failure is None
+            _put(self.write_q, _END, self.stop)
+        except _Stop:
             pass
+        except BaseException as exc:  # KeyboardInterrupt, encoder failure: keep what was written
+            self.interrupted = exc
+        finally:
+            if self.interrupted is None and not self.errors:
+                writer_thread.join()  # it drains the queue, then closes the bag
+            self.stop.set()
+            reader_thread.join(10)
+            writer_thread.join(60)
+            bar.close()
+        return self.report(time.perf_counter() - t_start)
 
+    # -- reader thread: messages in bag order, camera frames decoded, handed on in chunks
 
-def _copy_plan(store, connections, topics, copy):
-    """(input connection id -> output key, output key -> add_connection kwargs, skipped topics)."""
-    conn_key, specs, skipped = {}, {}, []
-    if not copy:
-        return conn_key, specs, skipped
-    for c in connections:
-        if c.topic in topics:
-            continue
-        key = (c.topic, c.msgtype)
-        if key not in specs and c.topic not in skipped:
-            msgdef, digest = (c.msgdef.data or None), (c.digest or None)
-            if (msgdef is None or digest is None) and _ensure_type(store, c):
-                msgdef = msgdef or store.generate_msgdef(c.msgtype, ros_version=2)[0]
-                digest = digest or store.hash_rihs01(c.msgtype)
-            if not msgdef or not digest:
-                log.warning("not copying %s (%s): the bag has no definition of that type", c.topic, c.msgtype)
-                skipped.append(c.topic)
-                continue
-            specs[key] = dict(topic=c.topic, msgtype=c.msgtype, msgdef=msgdef, rihs01=digest,
-                              serialization_format=c.ext.serialization_format,
-                              offered_qos_profiles=c.ext.offered_qos_profiles)
-        if key in specs:
-            conn_key[c.id] = key
-    return conn_key, specs, skipped
-
-
-def _encode(reader, connections, topics, output_path, encoder, *, batch, copy, storage, version, progress,
-            queue_chunks, max_logged_bad, input_path, t_start):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # progress bar only
-        tqdm = _NoProgress
-    from theia_ros.features import to_features_msg
-    from theia_ros.images import ImageDecodeError
-
-    store = typestore()
-    meta = encoder.metadata
-    FeaturesMsg = store.types[FEATURES_TYPE]
-    camera_conns = [c for c in connections if c.topic in topics and c.msgtype in CAMERA_TYPES]
-    conn_key, copy_specs, skipped_topics = _copy_plan(store, connections, topics, copy)
-    other_conns = [c for c in connections if c.id in conn_key]
-    total_frames = sum(c.msgcount for c in camera_conns)
-    cameras = {t: camera_name_for(t) for t in topics}
-    # the writer (sqlite3 objects are bound to their thread) is created, used and closed by the writer thread
-    writer_obj = _make_writer(output_path, storage, version)
-
-    frames = {t: 0 for t in topics}
-    bad = {t: 0 for t in topics}
-    counts = {"copied": 0}
-    stop = threading.Event()
-    writer_ready = threading.Event()
-    decoded_q = queue.Queue(maxsize=queue_chunks)
-    write_q = queue.Queue(maxsize=queue_chunks)
-    errors = {}
-    final = {"complete": False}
-
-    def read_loop():
-        chunk, n_frames, count, last_ts = [], 0, 0, None
+    def read_loop(self):
         try:
-            it = reader.messages(connections=camera_conns + other_conns)
-            while True:
-                try:
-                    conn, ts, raw = next(it)
-                except StopIteration:
-                    if getattr(reader, "salvage_reason", None):  # read to the end, but the bag is damaged
-                        if chunk:
-                            _put(decoded_q, chunk, stop)
-                            chunk = []
-                        _put(decoded_q, _ReadFailure(BagReadError(reader.salvage_reason), count, last_ts), stop)
-                        return
-                    break
-                except Exception as exc:  # the storage gave up: corrupt or truncated file
-                    if chunk:
-                        _put(decoded_q, chunk, stop)
-                        chunk = []
-                    _put(decoded_q, _ReadFailure(exc, count, last_ts), stop)
-                    return
-                count += 1
-                last_ts = ts
-                if conn.topic in topics:
-                    try:
-                        header, rgb = decode_camera_message(raw, conn.msgtype)
-                        chunk.append(_Frame(conn, ts, header, rgb))
-                    except ImageDecodeError as exc:
-                        chunk.append(_Frame(conn, ts, error=str(exc)))
-                    n_frames += 1
-                    if n_frames >= batch:
-                        _put(decoded_q, chunk, stop)
-                        chunk, n_frames = [], 0
-                else:
-                    chunk.append(_Copy(conn, ts, raw))
-                    if len(chunk) >= 4 * batch + 64:  # a long stretch without frames: pass it on
-                        _put(decoded_q, chunk, stop)
-                        chunk, n_frames = [], 0
-            if chunk:
-                _put(decoded_q, chunk, stop)
-            _put(decoded_q, _END, stop)
+            self._read()
         except _Stop:
             pass
         except BaseException as exc:  # a bug: report it through the main thread
-            errors["reader"] = exc
-            stop.set()
+            self.errors["reader"] = exc
+            self.stop.set()
 
-    def write_loop():
-        writer = None
+    def _read(self):
+        """Chunks of `batch` frames (or a long stretch of copied messages), then _END, or a
+        _ReadFailure where the input turns out damaged."""
+        chunk, n_frames, count, last_ts = [], 0, 0, None
+        messages = self.reader.messages(connections=self.camera_conns + self.other_conns)
+        while True:
+            try:
+                conn, ts, raw = next(messages)
+            except StopIteration:
+                reason = getattr(self.reader, "salvage_reason", None)  # read to the end, but the bag is damaged
+                end = _ReadFailure(BagReadError(reason), count, last_ts) if reason else _END
+                break
+            except Exception as exc:  # the storage gave up: corrupt or truncated file
+                end = _ReadFailure(exc, count, last_ts)
+                break
+            count += 1
+            last_ts = ts
+            if conn.topic in self.topics:
+                chunk.append(_decode_frame(conn, ts, raw))
+                n_frames += 1
+                full = n_frames >= self.batch
+            else:
+                chunk.append(_Copy(conn, ts, raw))
+                full = len(chunk) >= 4 * self.batch + 64  # a long stretch without frames: pass it on
+            if full:
+                _put(self.decoded_q, chunk, self.stop)
+                chunk, n_frames = [], 0
+        if chunk:
+            _put(self.decoded_q, chunk, self.stop)
+        _put(self.decoded_q, end, self.stop)
+
+    # -- caller's thread: one inference per chunk
+
+    def infer_loop(self, bar, reader_alive) -> _ReadFailure | None:
+        """Encode the good frames of each chunk in one batch and hand the chunk to the writer; returns
+        the read failure that ended the input, None at its normal end."""
+        while True:
+            item = _get(self.decoded_q, self.stop, reader_alive)
+            if item is _END:
+                return None
+            if isinstance(item, _ReadFailure):
+                return item
+            good = [e for e in item if isinstance(e, _Frame) and e.error is None]
+            self._count_bad_frames(item)
+            features = self.encoder.encode([e.rgb for e in good])[0] if good else None
+            for e in good:
+                e.rgb = None  # free the decoded image early
+            _put(self.write_q, (item, features), self.stop)
+            bar.update(sum(1 for e in item if isinstance(e, _Frame)))
+            if self.logged_bad:
+                bar.set_postfix(bad=sum(self.bad.values()), refresh=False)
+
+    def _count_bad_frames(self, chunk):
+        for e in chunk:
+            if isinstance(e, _Frame) and e.error is not None:
+                self.bad[e.conn.topic] += 1
+                if self.logged_bad < self.max_logged_bad:
+                    log.warning("skipping frame of %s at t=%d ns: %s", e.conn.topic, e.timestamp, e.error)
+                elif self.logged_bad == self.max_logged_bad:
+                    log.warning("more bad frames: no longer logged one by one (counted)")
+                self.logged_bad += 1
+
+    # -- writer thread: the output bag, closed with its custom_data even after errors
+
+    def write_loop(self):
+        opened = False
         try:
-            writer_obj.open()
-            writer = writer_obj
-            out_conns = {t: writer.add_connection(target, FEATURES_TYPE, typestore=store)
-                         for t, target in topics.items()}
-            copy_out = {key: writer.add_connection(**spec) for key, spec in copy_specs.items()}
-            copy_conns = {cid: copy_out[key] for cid, key in conn_key.items()}
-            writer_ready.set()
+            self.writer.open()
+            opened = True
+            feature_conns = {t: self.writer.add_connection(target, FEATURES_TYPE, typestore=self.store)
+                             for t, target in self.topics.items()}
+            copy_out = {key: self.writer.add_connection(**spec) for key, spec in self.copy_specs.items()}
+            copy_conns = {cid: copy_out[key] for cid, key in self.conn_key.items()}
+            self.writer_ready.set()
             while True:
-                item = _get(write_q, stop, lambda: True)
+                item = _get(self.write_q, self.stop, lambda: True)
                 if item is _END:
                     return
                 chunk, features = item
-                k = 0
-                for entry in chunk:
-                    if isinstance(entry, _Copy):
-                        writer.write(copy_conns[entry.conn.id], entry.timestamp, entry.raw)
-                        counts["copied"] += 1
-                        continue
-                    if entry.error is not None:
-                        continue
-                    topic = entry.conn.topic
-                    fields = _Fields()
-                    to_features_msg(features[k], msg=fields, header=entry.header, camera=cameras[topic],
-                                    model_id=meta["model_id"], representation=meta["representation"],
-                                    weights_id=meta["weights_id"], random_weights=meta["random_weights"])
-                    k += 1
-                    fields = vars(fields)
-                    fields["shape"] = np.asarray(fields["shape"], dtype=np.uint32)
-                    fields["data"] = np.frombuffer(fields["data"], dtype=np.uint8)
-                    writer.write(out_conns[topic], entry.timestamp,
-                                 store.serialize_cdr(FeaturesMsg(**fields), FEATURES_TYPE))
-                    frames[topic] += 1
+                self._write_chunk(chunk, features, feature_conns, copy_conns)
         except _Stop:
             pass
         except BaseException as exc:
-            errors["writer"] = exc
-            stop.set()
+            self.errors["writer"] = exc
+            self.stop.set()
         finally:
-            if writer is not None:  # close even after errors: what was written stays a valid bag
-                try:
-                    info = {"source": str(input_path), "topics": topics, **meta, "complete": final["complete"],
-                            "frames": sum(frames.values()), "bad_frames": sum(bad.values())}
-                    writer.set_custom_data(CUSTOM_DATA_KEY, json.dumps(info, sort_keys=True))
-                    writer.close()
-                except BaseException as exc:
-                    errors.setdefault("writer", exc)
-            writer_ready.set()
+            if opened:  # close even after errors: what was written stays a valid bag
+                self._close_writer()
+            self.writer_ready.set()
 
-    reader_thread = threading.Thread(target=read_loop, name="encode-bag-read", daemon=True)
-    writer_thread = threading.Thread(target=write_loop, name="encode-bag-write", daemon=True)
-    writer_thread.start()
-    writer_ready.wait()
-    if errors:
-        writer_thread.join()
-        exc = errors["writer"]
-        raise BagError(f"cannot create the output bag {output_path}: {type(exc).__name__}: {exc}") from exc
-    bar = tqdm(total=total_frames or None, unit="frame", desc=f"encode {input_path.name}", disable=not progress,
-               dynamic_ncols=True, smoothing=0.1, file=sys.stderr)
-    reader_thread.start()
-    interrupted = None
-    read_failure = None
-    logged_bad = 0
+    def _write_chunk(self, chunk, features, feature_conns, copy_conns):
+        k = 0  # row of `features`: the chunk's good frames in order
+        for entry in chunk:
+            if isinstance(entry, _Copy):
+                self.writer.write(copy_conns[entry.conn.id], entry.timestamp, entry.raw)
+                self.copied += 1
+            elif entry.error is None:
+                topic = entry.conn.topic
+                self.writer.write(feature_conns[topic], entry.timestamp, self._features_cdr(features[k], entry))
+                k += 1
+                self.frames[topic] += 1
+
+    def _features_cdr(self, features, frame: _Frame):
+        """The serialized theia_ros/msg/Features of one frame, stamped like its image."""
+        fields = _Fields()
+        meta = self.meta
+        to_features_msg(features, msg=fields, header=frame.header, camera=self.cameras[frame.conn.topic],
+                        model_id=meta["model_id"], representation=meta["representation"],
+                        weights_id=meta["weights_id"], random_weights=meta["random_weights"])
+        fields = vars(fields)
+        fields["shape"] = np.asarray(fields["shape"], dtype=np.uint32)
+        fields["data"] = np.frombuffer(fields["data"], dtype=np.uint8)
+        return self.store.serialize_cdr(self.features_cls(**fields), FEATURES_TYPE)
+
+    def _close_writer(self):
+        try:
+            info = {"source": str(self.input_path), "topics": self.topics, **self.meta,
+                    "complete": self.complete, "frames": sum(self.frames.values()),
+                    "bad_frames": sum(self.bad.values())}
+            self.writer.set_custom_data(CUSTOM_DATA_KEY, json.dumps(info, sort_keys=True))
+            self.writer.close()
+        except BaseException as exc:
+            self.errors.setdefault("writer", exc)
+
+    # -- the outcome
+
+    def report(self, seconds) -> EncodeResult:
+        """The EncodeResult, or the error that ended the run (BagReadError carries the result)."""
+        complete = self.complete and self.interrupted is None and not self.errors
+        result = EncodeResult(self.output_path, dict(self.topics), self.frames, self.bad, self.copied,
+                              self.skipped_topics, seconds, complete)
+        for t, n in self.bad.items():
+            if n and self.frames[t] == 0:
+                log.warning("no frame of %s could be decoded (%d bad frames): is it a camera topic?", t, n)
+        output, interrupted = self.output_path, self.interrupted
+        if self.errors:
+            where, exc = next(iter(self.errors.items()))
+            raise BagError(f"encode-bag failed in the {where} thread: {type(exc).__name__}: {exc}; "
+                           f"partial output in {output} ({result.frames_total} frames)") from exc
+        if isinstance(interrupted, Exception):  # e.g. the backend failed (out of memory...)
+            raise BagError(f"encoding failed: {type(interrupted).__name__}: {interrupted}; partial output in "
+                           f"{output} ({result.frames_total} frames, custom_data complete: false)") from interrupted
+        if interrupted is not None:  # KeyboardInterrupt, SystemExit
+            raise interrupted
+        failure = self.read_failure
+        if failure is not None:
+            exc = failure.exc
+            last = "" if failure.last_timestamp is None else f", last good timestamp {failure.last_timestamp} ns"
+            result.error = (f"input bag {self.input_path} is corrupt or truncated: reading stopped after "
+                            f"{failure.messages} messages{last} ({type(exc).__name__}: {exc}). The output "
+                            f"{output} is a valid bag with the {result.frames_total} frames encoded before "
+                            "that point (custom_data complete: false)")
+            err = BagReadError(result.error)
+            err.result = result
+            raise err from exc
+        return result
+
+
+def _progress_bar(total, desc, enabled):
     try:
-        while True:
-            item = _get(decoded_q, stop, reader_thread.is_alive)
-            if item is _END:
-                break
-            if isinstance(item, _ReadFailure):
-                read_failure = item
-                break
-            good = [e for e in item if isinstance(e, _Frame) and e.error is None]
-            for e in item:
-                if isinstance(e, _Frame) and e.error is not None:
-                    bad[e.conn.topic] += 1
-                    if logged_bad < max_logged_bad:
-                        log.warning("skipping frame of %s at t=%d ns: %s", e.conn.topic, e.timestamp, e.error)
-                    elif logged_bad == max_logged_bad:
-                        log.warning("more bad frames: no longer logged one by one (counted)")
-                    logged_bad += 1
-            features = encoder.encode([e.rgb for e in good])[0] if good else None
-            for e in good:
-                e.rgb = None  # free the decoded image early
-            _put(write_q, (item, features), stop)
-            bar.update(sum(1 for e in item if isinstance(e, _Frame)))
-            if logged_bad:
-                bar.set_postfix(bad=sum(bad.values()), refresh=False)
-        final["complete"] = read_failure is None
-        _put(write_q, _END, stop)
-    except _Stop:
-        pass
-    except BaseException as exc:  # KeyboardInterrupt, encoder failure: keep what was written
-        interrupted = exc
-    finally:
-        if interrupted is None and not errors:
-            writer_thread.join()  # it drains the queue, then closes the bag
-        stop.set()
-        reader_thread.join(10)
-        writer_thread.join(60)
-        bar.close()
-
-    seconds = time.perf_counter() - t_start
-    complete = final["complete"] and interrupted is None and not errors
-    result = EncodeResult(output_path, dict(topics), frames, bad, counts["copied"], skipped_topics, seconds, complete)
-    for t, n in bad.items():
-        if n and frames[t] == 0:
-            log.warning("no frame of %s could be decoded (%d bad frames): is it a camera topic?", t, n)
-    if errors:
-        where, exc = next(iter(errors.items()))
-        raise BagError(f"encode-bag failed in the {where} thread: {type(exc).__name__}: {exc}; "
-                       f"partial output in {output_path} ({result.frames_total} frames)") from exc
-    if isinstance(interrupted, Exception):  # e.g. the backend failed (out of memory...)
-        raise BagError(f"encoding failed: {type(interrupted).__name__}: {interrupted}; partial output in "
-                       f"{output_path} ({result.frames_total} frames, custom_data complete: false)") from interrupted
-    if interrupted is not None:  # KeyboardInterrupt, SystemExit
-        raise interrupted
-    if read_failure is not None:
-        exc = read_failure.exc
-        last = "" if read_failure.last_timestamp is None else f", last good timestamp {read_failure.last_timestamp} ns"
-        result.error = (f"input bag {input_path} is corrupt or truncated: reading stopped after "
-                        f"{read_failure.messages} messages{last} ({type(exc).__name__}: {exc}). The output "
-                        f"{output_path} is a valid bag with the {result.frames_total} frames encoded before "
-                        "that point (custom_data complete: false)")
-        err = BagReadError(result.error)
-        err.result = result
-        raise err from exc
-    return result
+        from tqdm import tqdm
+    except ImportError:  # progress bar only
+        return _NoProgress()
+    return tqdm(total=total or None, unit="frame", desc=desc, disable=not enabled, dynamic_ncols=True,
+                smoothing=0.1, file=sys.stderr)
 
 
 class _NoProgress:
-    def __init__(self, *args, **kwargs):
-        pass
-
     def update(self, n=1):
         pass
 

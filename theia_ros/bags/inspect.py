@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from theia_ros.bags.io import (CUSTOM_DATA_KEY, FEATURES_TYPE, custom_data_of, deserialize, open_reader,
-                               storage_of, typestore)
+from theia_ros.bags.io import CUSTOM_DATA_KEY, FEATURES_TYPE, custom_data_of, deserialize, open_bag, storage_of
+
 
 @dataclasses.dataclass
 class TopicStats:
@@ -39,12 +39,10 @@ def features_summary(msg) -> dict:
 
 def inspect_bag(path, *, gaps=3) -> dict:
     """Summary of a bag: storage, duration, per topic count/rate/gaps, feature topics' metadata."""
-    store = typestore()
-    reader = open_reader(path, salvage=True)
-    error = getattr(reader, "salvage_reason", None)
-    if error:
-        error = f"corrupt or truncated bag: {error}"
-    try:
+    with open_bag(path, salvage=True) as reader:
+        error = getattr(reader, "salvage_reason", None)
+        if error:
+            error = f"corrupt or truncated bag: {error}"
         conns = list(reader.connections)
         stats: dict[tuple, TopicStats] = {}
         for c in conns:
@@ -95,11 +93,6 @@ def inspect_bag(path, *, gaps=3) -> dict:
             "error": error,
         }
         return info
-    finally:
-        try:
-            reader.close()
-        except Exception:
-            pass
 
 
 def _metadata_version(path: Path):
@@ -125,7 +118,8 @@ def format_inspect(info: dict) -> str:
     lines = []
     dur = info["duration_s"]
     lines.append(f"bag:       {info['path']}")
-    lines.append(f"storage:   {info['storage']}" + (f" (metadata version {info['version']})" if info['version'] else ""))
+    version = f" (metadata version {info['version']})" if info["version"] else ""
+    lines.append(f"storage:   {info['storage']}{version}")
     lines.append(f"size:      {info['size_bytes'] / 1e6:.1f} MB")
     lines.append(f"duration:  {dur:.3f} s" + (f"  (start {info['start_ns'] * 1e-9:.3f} s)" if info["start_ns"] else ""))
     lines.append(f"messages:  {info['messages']}")

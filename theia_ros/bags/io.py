@@ -1,28 +1,28 @@
-"""rosbag2 tools without ROS: encode camera topics of a bag into Theia features, inspect bags.
+"""Opening, reading and writing rosbag2 bags without ROS: the pieces every bag tool shares.
 
 Plain Python on top of the pure-Python `rosbags` library (sqlite3 and MCAP storage, rosbag2
-metadata versions 8 and 9), so it runs on a training server with no ROS installed; rclpy is not
-imported here.
+metadata versions 8 and 9), so it runs on a training server with no ROS installed.
 
-- :func:`encode_bag`: reads a bag, decodes its camera topics (``sensor_msgs/Image`` raw or
-  ``sensor_msgs/CompressedImage``), encodes them in batches and writes a NEW bag holding one
-  ``theia_ros/msg/Features`` topic per camera (``/front/image_raw`` -> ``/front/features``),
-  stamped like the images, plus (by default) every other topic copied byte for byte.
-  Decoding (thread), inference (caller's thread) and writing (thread) overlap.
-- :func:`inspect_bag`: topics, types, counts, rates, gaps, and what the feature topics hold.
-- :func:`typestore`: the rosbags type store with the Jazzy types and this package's messages.
+- :func:`open_bag`: ``with open_bag(path, salvage=...) as reader:`` a reader that closes itself,
+  falling back to :mod:`theia_ros.bags.salvage` for damaged bags when asked;
+- :func:`make_writer`, :func:`prepare_output`: a new output bag, never clobbering an input;
+- :func:`typestore`: the rosbags type store with the Jazzy types and this package's messages,
+  :func:`ensure_connection_type` for types only the bag itself defines;
+- :func:`decode_camera_message`: a serialized camera message -> (header, RGB), through
+  :func:`theia_ros.images.message_to_rgb`, the conversion the encoder node uses too.
 
 Bag timestamps ("receive time", the ``timestamp`` column of rosbag2) and header stamps are
 integers in nanoseconds here.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import shutil
 from pathlib import Path
 
-
+from theia_ros.images import ImageDecodeError, message_to_rgb
 from theia_ros.resources import package_file
 
 log = logging.getLogger(__name__)
@@ -33,9 +33,11 @@ IMAGE_TYPE = "sensor_msgs/msg/Image"
 COMPRESSED_IMAGE_TYPE = "sensor_msgs/msg/CompressedImage"
 CAMERA_TYPES = (IMAGE_TYPE, COMPRESSED_IMAGE_TYPE)
 STORAGES = ("mcap", "sqlite3")
+DEFAULT_STORAGE = "mcap"
 #: rosbag2 metadata versions rosbags writes: 9 (Jazzy and newer), 8 (Iron; readable by Humble's
 #: sqlite3 plugin as far as we know, see docs/bags.md)
 BAG_VERSIONS = (9, 8)
+DEFAULT_BAG_VERSION = 9
 CUSTOM_DATA_KEY = "theia_ros.encode_bag"
 
 
@@ -72,8 +74,9 @@ def typestore():
     return store
 
 
-def _ensure_type(store, conn) -> bool:
-    """Register `conn`'s type from the definition stored in the bag when the store lacks it."""
+def ensure_connection_type(store, conn) -> bool:
+    """Register `conn`'s type from the definition stored in the bag when the store lacks it; True when
+    the store knows the type."""
     if conn.msgtype in store.types:
         return True
     data = getattr(conn.msgdef, "data", "") or ""
@@ -103,21 +106,45 @@ def deserialize(raw, msgtype: str):
     return typestore().deserialize_cdr(raw, msgtype)
 
 
+def decode_camera_message(raw, msgtype: str):
+    """(header, RGB uint8 [H, W, 3]) of a serialized Image / CompressedImage.
+
+    Raises ImageDecodeError (from theia_ros.images) for anything undecodable.
+    """
+    try:
+        msg = deserialize(raw, msgtype)
+    except Exception as exc:
+        raise ImageDecodeError(f"undecodable {msgtype.rsplit('/', 1)[-1]} message: {exc}") from None
+    return msg.header, message_to_rgb(msg)
+
+
 # ---------------------------------------------------------------------------------------------
 # Opening bags
 
 
-def open_reader(path, *, salvage=False):
-    """An opened rosbags rosbag2 Reader for a bag directory, or a single .mcap / .db3 file.
+@contextlib.contextmanager
+def open_bag(path, *, salvage=False):
+    """``with open_bag(path) as reader:`` an opened rosbags rosbag2 Reader for a bag directory, or a
+    single .mcap / .db3 file, closed when the block ends.
 
     Raises :class:`BagError` with a hint when `path` is not a readable bag. With `salvage`, a
     damaged bag (truncated MCAP without footer, sqlite3 file with damaged pages, missing
-    metadata.yaml) is opened with a reader of :mod:`theia_ros.bag_salvage` instead, whose
+    metadata.yaml) is opened with a reader of :mod:`theia_ros.bags.salvage` instead, whose
     ``salvage_reason`` says what is wrong; its messages end with an error where the damage starts.
     """
+    reader = _open_reader(Path(path), salvage)
+    try:
+        yield reader
+    finally:
+        try:
+            reader.close()
+        except Exception:  # a reader broken by a corrupt file may fail to close as well
+            pass
+
+
+def _open_reader(path: Path, salvage: bool):
     from rosbags.rosbag2 import Reader
 
-    path = Path(path)
     if not path.exists():
         raise BagError(f"input bag {path} does not exist")
     if path.is_dir() and not (path / "metadata.yaml").exists():
@@ -174,13 +201,19 @@ def custom_data_of(reader) -> dict:
         return {}
 
 
-def _make_writer(path: Path, storage: str, version: int):
-    from rosbags.rosbag2 import StoragePlugin, Writer
-
+def check_output_format(storage: str, version: int) -> None:
+    """Raise BagError unless rosbags can write `storage` with metadata `version`."""
     if storage not in STORAGES:
         raise BagError(f"unknown storage {storage!r}; use one of {', '.join(STORAGES)}")
     if version not in BAG_VERSIONS:
         raise BagError(f"rosbag2 metadata version {version} cannot be written; use one of {BAG_VERSIONS}")
+
+
+def make_writer(path: Path, storage: str, version: int):
+    """A rosbags Writer (not opened yet) for a new bag at `path`."""
+    from rosbags.rosbag2 import StoragePlugin, Writer
+
+    check_output_format(storage, version)
     plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
     return Writer(path, version=version, storage_plugin=plugin)
 
@@ -212,17 +245,3 @@ def prepare_output(out: Path, inputs, overwrite: bool) -> None:
         raise BagError(f"output {out} exists and does not look like a rosbag2 bag (no metadata.yaml, .mcap or "
                        ".db3); not deleting it")
     shutil.rmtree(out)
-
-
-# ---------------------------------------------------------------------------------------------
-# Camera topics
-
-
-# ---------------------------------------------------------------------------------------------
-# encode-bag
-
-
-# ---------------------------------------------------------------------------------------------
-# inspect
-
-

@@ -1,13 +1,11 @@
 """Record serialized ROS 2 messages into a rosbag2 bag without rosbag2 (`ros2 bag record` needs a ROS
-install; this needs rosbags, and rclpy only for the live recorder).
+install; this needs rosbags only).
 
-- :class:`BagRecorder` (plain Python): a rosbags writer fed with CDR bytes from any source, e.g.
-  ``rclpy.serialization.serialize_message(msg)`` or a raw subscription. Message definitions come
-  from rosbags' Jazzy type store, this package's msg/ files, or ``share/<pkg>/msg/<Type>.msg`` of
-  the ament prefixes (AMENT_PREFIX_PATH, the venv).
-- :func:`record` / ``theia-ros record OUT --topics ...``: an rclpy node that subscribes (raw, no
-  deserialisation) to the topics, with the QoS their publishers offer, and writes each message
-  with its receive time (the node's clock), as ``ros2 bag record`` does.
+:class:`BagRecorder` (plain Python): a rosbags writer fed with CDR bytes from any source, e.g.
+``rclpy.serialization.serialize_message(msg)`` or a raw subscription (the live recorder of
+``theia-ros record`` is :mod:`theia_ros.nodes.recorder`). Message definitions come from rosbags'
+Jazzy type store, this package's msg/ files, or ``share/<pkg>/msg/<Type>.msg`` of the ament
+prefixes (AMENT_PREFIX_PATH, the venv): :func:`ensure_type`.
 
 The writer's storage objects are bound to the thread that created them (sqlite3): open, write
 and close a BagRecorder from one thread.
@@ -19,7 +17,15 @@ import os
 import sys
 from pathlib import Path
 
-from theia_ros.bags.io import BAG_VERSIONS, STORAGES, BagError, _make_writer, prepare_output, typestore
+from theia_ros.bags.io import (
+    DEFAULT_BAG_VERSION,
+    DEFAULT_STORAGE,
+    BagError,
+    check_output_format,
+    make_writer,
+    prepare_output,
+    typestore,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +61,11 @@ def ensure_type(msgtype: str) -> None:
 class BagRecorder:
     """Writes serialized (CDR) messages into a new rosbag2 bag (see module doc)."""
 
-    def __init__(self, path, *, storage="mcap", version=9, overwrite=False):
-        if storage not in STORAGES:
-            raise BagError(f"unknown storage {storage!r}; use one of {', '.join(STORAGES)}")
-        if version not in BAG_VERSIONS:
-            raise BagError(f"rosbag2 metadata version {version} cannot be written; use one of {BAG_VERSIONS}")
+    def __init__(self, path, *, storage=DEFAULT_STORAGE, version=DEFAULT_BAG_VERSION, overwrite=False):
+        check_output_format(storage, version)  # before prepare_output may delete an old bag
         self.path = Path(path)
         prepare_output(self.path, [], overwrite)
-        self._writer = _make_writer(self.path, storage, version)
+        self._writer = make_writer(self.path, storage, version)
         self._writer.open()
         self._conns = {}
         self.counts = {}
@@ -103,9 +106,3 @@ class BagRecorder:
     def __exit__(self, *exc):
         self.close()  # also after an error: what was written stays a readable bag
         return False
-
-
-# ---------------------------------------------------------------------------------------------
-# Live recording (rclpy)
-
-

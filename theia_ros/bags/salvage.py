@@ -3,7 +3,7 @@
 rosbags refuses an MCAP file without its footer (a recording that was killed or ran out of disk)
 and a sqlite3 file whose metadata pages are damaged. These readers go through such a file in
 write order and stop, with :class:`SalvageError`, where the damage starts, so that encode-bag can
-keep everything before it. They offer the part of the rosbags Reader interface bags.py uses:
+keep everything before it. They offer the part of the rosbags Reader interface the bag tools use:
 ``connections`` (rosbags Connection tuples), ``messages(connections)`` and ``close()``.
 """
 from __future__ import annotations

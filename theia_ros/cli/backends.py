@@ -41,14 +41,16 @@ def _run_export(args) -> int:
     _setup_logging(True)
     import torch
 
-    from theia_ros.backends import BackendError, create_backend
-    from theia_ros.weights import CheckpointError
+    from theia_ros.backends.base import BackendError
+    from theia_ros.backends.factory import create_backend
     from theia_ros.encoder.model import load_model
+    from theia_ros.weights import CheckpointError
 
     if args.threads:
         torch.set_num_threads(args.threads)
     precision = args.precision or ("fp16" if args.backend == "tensorrt" else "fp32")
-    device = args.device or ("cuda" if args.backend == "tensorrt" else "cpu")
+    # auto: the device the engine runs on (onnxruntime runs on the CPU only)
+    device = args.device if args.device != "auto" else ("cuda" if args.backend == "tensorrt" else "cpu")
     try:
         model = load_model(args.source, seed=args.seed)
     except CheckpointError as exc:
@@ -85,8 +87,8 @@ def _run_bench(args) -> int:
     import torch
 
     from theia_ros.backends.bench import available_cases, environment_summary, markdown_table, run_bench
-    from theia_ros.weights import CheckpointError
     from theia_ros.encoder.model import load_model
+    from theia_ros.weights import CheckpointError
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,13 +97,15 @@ def _run_bench(args) -> int:
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    devices = [args.device] if args.device else None
+    devices = None if args.device == "auto" else [args.device]  # None: cuda when available, else cpu
     try:
         cases = available_cases(args.backends, args.precisions, devices)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    progress = (lambda msg: print(msg, file=sys.stderr, flush=True))
+    def progress(msg):
+        print(msg, file=sys.stderr, flush=True)
+
     rows = run_bench(model, cases, batches=args.batches, seconds=args.seconds, representation=args.representation,
                      rounds=args.rounds, cache_dir=args.cache_dir, progress=progress)
     table = markdown_table(rows)
@@ -118,26 +122,24 @@ def _run_bench(args) -> int:
 
 
 def add_parser(subparsers):
-    source_help = ("checkpoint directory, hub id (theaiinstitute/theia-tiny-patch16-224-cddsv) or random:<variant> "
-                   "(random weights: right speed, meaningless features)")
+    from theia_ros.cli.options import add_encoder_options, add_source_argument
+    from theia_ros.encoder.config import PRECISION_CHOICES
+
     p = subparsers.add_parser(
         "export", help="build (or check) a cached TensorRT / ONNX Runtime engine ahead of time",
         description="Build the engine a backend would build on first use, validate it against fp32 torch, store it "
                     "in the engine cache ($THEIA_ROS_CACHE or ~/.cache/theia_ros/engines) and print its path. "
                     "An engine already in the cache and still valid is only checked.")
-    p.add_argument("source", metavar="SOURCE", help=source_help)
+    add_source_argument(p)
     p.add_argument("--backend", required=True, choices=("tensorrt", "onnxruntime"))
-    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=None,
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
                    help="default: fp16 for tensorrt, fp32 for onnxruntime")
-    p.add_argument("--max-batch", type=int, default=4, help="largest batch the engine takes (default 4)")
-    p.add_argument("--representation", default="tokens",
-                   help="tokens, cls, mean, max, all_tokens, spatial or teacher:<teacher id> (default tokens)")
-    p.add_argument("--device", default=None, help="default: cuda for tensorrt, cpu for onnxruntime")
-    p.add_argument("--seed", type=int, default=None, help="seed of random:<variant> weights (default 0)")
+    add_encoder_options(p, "max_batch", "representation", "device", "seed", "threads",
+                        helps={"device": "auto (cuda for tensorrt, cpu for onnxruntime), cpu or cuda[:N] "
+                                         "(default auto)"})
     p.add_argument("--cache-dir", default=None, help="engine cache directory (default $THEIA_ROS_CACHE or "
                                                      "~/.cache/theia_ros/engines)")
     p.add_argument("--rebuild", action="store_true", help="rebuild even when a valid engine is cached")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--fp32-acc", choices=("auto", "on", "off"), default="auto",
                    help="tensorrt fp16: accumulate matmuls in fp32 (slower); auto: only if the fp16 engine "
                         "fails the accuracy gate (default auto)")
@@ -148,18 +150,16 @@ def add_parser(subparsers):
         description="For each available backend x precision x batch: median and p90 ms per image, images/s, "
                     "cosine to fp32 eager torch and speed-up over eager fp32 torch, measured in one run with "
                     "interleaved rounds. Prints a markdown table.")
-    b.add_argument("source", metavar="SOURCE", help=source_help)
+    add_source_argument(b)
     b.add_argument("--backends", nargs="+", default=None,
                    help="torch, torch-compile, onnxruntime, tensorrt (default: all available; eager fp32 torch is "
                         "always measured as the baseline)")
-    b.add_argument("--precisions", nargs="+", default=None, choices=("fp32", "fp16", "bf16"))
+    b.add_argument("--precisions", nargs="+", default=None, choices=PRECISION_CHOICES)
     b.add_argument("--batches", nargs="+", type=int, default=[1, 4])
     b.add_argument("--seconds", type=float, default=5.0, help="timing budget per backend and batch (default 5)")
     b.add_argument("--rounds", type=int, default=10, help="interleaved rounds the budget is split into")
-    b.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available, else cpu)")
-    b.add_argument("--representation", default="tokens")
-    b.add_argument("--seed", type=int, default=None)
-    b.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    add_encoder_options(b, "device", "representation", "seed", "threads",
+                        helps={"device": "auto (cuda when available, else cpu), cpu or cuda[:N] (default auto)"})
     b.add_argument("--cache-dir", default=None)
     b.add_argument("--json", default=None, help="also write the rows to this JSON file")
     b.add_argument("-v", "--verbose", action="store_true", help="log backend set-up details")

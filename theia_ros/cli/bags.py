@@ -18,8 +18,8 @@ def _error(message):
 
 
 def _run_encode(args) -> int:
-    from theia_ros.bags.io import BagError, BagReadError
     from theia_ros.bags.encode import encode_bag
+    from theia_ros.bags.io import BagError, BagReadError
 
     _setup_logging()
     try:
@@ -54,8 +54,8 @@ def _print_encode_summary(result):
 
 
 def _run_inspect(args) -> int:
-    from theia_ros.bags.io import BagError
     from theia_ros.bags.inspect import format_inspect, inspect_bag
+    from theia_ros.bags.io import BagError
 
     _setup_logging()
     try:
@@ -70,8 +70,8 @@ def _run_inspect(args) -> int:
 
 
 def _run_train(args) -> int:
-    from theia_ros.bags.train_policy import TrainError, _parse_params, train_policy
     from theia_ros.bags.io import BagError
+    from theia_ros.bags.train_policy import TrainError, parse_params, train_policy
 
     _setup_logging()
     try:
@@ -82,7 +82,7 @@ def _run_train(args) -> int:
             proprio_joints=args.proprio_joints, tolerance=args.tolerance, episode_gap=args.episode_gap,
             history=args.history, stamp=args.stamp, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
             weight_decay=args.weight_decay, val_fraction=args.val_fraction, seed=args.seed,
-            params=_parse_params(args.param), max_steps=args.max_steps, threads=args.threads,
+            params=parse_params(args.param), max_steps=args.max_steps, threads=args.threads,
             plot=not args.no_plot, overwrite=args.overwrite)
     except (TrainError, BagError) as exc:
         return _error(str(exc))
@@ -91,8 +91,8 @@ def _run_train(args) -> int:
 
 
 def _run_record(args) -> int:
-    from theia_ros.nodes.recorder import record
     from theia_ros.bags.io import BagError
+    from theia_ros.nodes.recorder import record
 
     _setup_logging()
     try:
@@ -105,8 +105,15 @@ def _run_record(args) -> int:
 
 
 def add_parser(subparsers):
-    from theia_ros.bags.io import BAG_VERSIONS, STORAGES
-    from theia_ros.bags.encode import DEFAULT_MODEL
+    _add_encode_parser(subparsers)
+    _add_inspect_parser(subparsers)
+    _add_train_parser(subparsers)
+    _add_record_parser(subparsers)
+
+
+def _add_encode_parser(subparsers):
+    from theia_ros.bags.encode import DEFAULT_BATCH
+    from theia_ros.cli.options import add_bag_output_options, add_encoder_options
 
     p = subparsers.add_parser(
         "encode-bag", help="encode the camera topics of a rosbag2 bag into Theia features (new bag)",
@@ -118,27 +125,19 @@ def add_parser(subparsers):
                     "the damage.")
     p.add_argument("input", metavar="IN", help="input bag (directory, .mcap or .db3)")
     p.add_argument("output", metavar="OUT", help="output bag directory (must not exist, see --overwrite)")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"checkpoint directory, hub id or random:<variant> (default {DEFAULT_MODEL})")
-    p.add_argument("--seed", type=int, default=None, help="seed of random:<variant> weights (default 0)")
-    p.add_argument("--backend", default="torch", help="inference backend (default torch)")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda (default cpu)")
-    p.add_argument("--representation", default="tokens",
-                   help="tokens, cls, mean, max, all_tokens, spatial or teacher:<id> (default tokens)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="features dtype in the bag")
+    add_encoder_options(p.add_argument_group("encoder"), "model", "seed", "backend", "precision", "device",
+                        "representation", "dtype", "threads")
     p.add_argument("--cameras", nargs="+", metavar="TOPIC[=FEATURES_TOPIC]",
                    help="camera topics to encode (default: every Image/CompressedImage topic)")
-    p.add_argument("--batch", type=int, default=8, help="frames per inference (default 8)")
+    p.add_argument("--batch", type=int, default=DEFAULT_BATCH,
+                   help=f"frames per inference, also the encoder's largest batch (default {DEFAULT_BATCH})")
     p.add_argument("--no-copy", action="store_true", help="write only the feature topics")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it is an existing bag")
-    p.add_argument("--storage", default="mcap", choices=STORAGES, help="output storage (default mcap)")
-    p.add_argument("--bag-version", type=int, default=9, choices=BAG_VERSIONS,
-                   help="rosbag2 metadata version: 9 Jazzy+ (default), 8 for older players (see docs/bags.md)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    add_bag_output_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_encode)
 
+
+def _add_inspect_parser(subparsers):
     p = subparsers.add_parser(
         "inspect", help="summarise a rosbag2 bag: topics, counts, rates, gaps, features",
         description="Topics, types, message counts, rates, largest gaps and duration of a bag; for "
@@ -148,6 +147,10 @@ def add_parser(subparsers):
     p.add_argument("--gaps", type=int, default=3, help="largest gaps listed per topic (default 3)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_run_inspect)
+
+
+def _add_train_parser(subparsers):
+    from theia_ros.cli.options import add_encoder_options
 
     p = subparsers.add_parser(
         "train-policy", help="behaviour cloning of a built-in policy from bags of features and actions",
@@ -188,10 +191,14 @@ def add_parser(subparsers):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--param", action="append", metavar="KEY=VALUE",
                    help="policy param (YAML value), e.g. --param channels=128 --param mlp_hidden=[128]")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    add_encoder_options(p, "threads")
     p.add_argument("--no-plot", action="store_true", help="do not write DIR/training.png")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint in DIR")
     p.set_defaults(func=_run_train)
+
+
+def _add_record_parser(subparsers):
+    from theia_ros.cli.options import add_bag_output_options
 
     p = subparsers.add_parser(
         "record", help="record topics into a rosbag2 bag with rclpy + rosbags (no rosbag2 needed)",
@@ -199,9 +206,7 @@ def add_parser(subparsers):
                     "with its receive time, like `ros2 bag record`, for machines without rosbag2. Ctrl-C stops.")
     p.add_argument("output", metavar="OUT")
     p.add_argument("--topics", nargs="+", required=True, metavar="TOPIC")
-    p.add_argument("--storage", default="mcap", choices=STORAGES)
-    p.add_argument("--bag-version", type=int, default=9, choices=BAG_VERSIONS)
+    add_bag_output_options(p)
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     p.add_argument("--max-messages", type=int, default=None, help="stop after this many messages")
-    p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_run_record)

@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-
 # the registered teachers (theia_ros.distill.teachers.TEACHERS), named here so --help needs no torch
 TEACHER_NAMES = ("clip", "dinov2", "vit", "sam", "depth_anything")
 
 
 def add_parser(subparsers):
+    from theia_ros.cli.options import add_encoder_options
+
     p = subparsers.add_parser(
         "distill", help="distil / fine-tune the encoder from teacher models (CLIP, DINOv2, ViT, SAM, Depth-Anything)",
         description="Cache teacher features of images / bag frames, train a Theia student on them and write it in "
@@ -35,7 +36,8 @@ def add_parser(subparsers):
 
     teachers = p.add_argument_group("teachers")
     teachers.add_argument("--teachers", nargs="+", default=["clip", "dinov2", "vit"],
-                          help=f"teachers by short name or hub id: {', '.join(TEACHER_NAMES)} (default clip dinov2 vit)")
+                          help=f"teachers by short name or hub id: {', '.join(TEACHER_NAMES)} (default clip dinov2 "
+                               "vit)")
     mode = teachers.add_mutually_exclusive_group()
     mode.add_argument("--small-teachers", action="store_true",
                       help="tiny random teachers from small configs (offline; tests and dry runs)")
@@ -60,7 +62,8 @@ def add_parser(subparsers):
                       help="train from scratch: a variant (theia-tiny-patch16-224-cdiv), backbone id or size")
     student.add_argument("--out", required=True, metavar="DIR", help="output folder (checkpoint, logs, plot)")
     student.add_argument("--steps", type=int, default=None, help="optimizer steps")
-    student.add_argument("--epochs", type=float, default=None, help="epochs over the training images (instead of --steps)")
+    student.add_argument("--epochs", type=float, default=None,
+                         help="epochs over the training images (instead of --steps)")
     student.add_argument("--batch", type=int, default=64, help="batch size per process (default 64)")
     student.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-3 x global batch / 512)")
     student.add_argument("--weight-decay", type=float, default=0.01)
@@ -70,7 +73,7 @@ def add_parser(subparsers):
     student.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto",
                          help="mixed precision (auto: bf16 autocast on GPUs, off on CPU)")
     student.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
-    student.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_encoder_options(student, "threads")
 
     run = p.add_argument_group("run")
     run.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",

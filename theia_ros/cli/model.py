@@ -4,8 +4,8 @@ import sys
 
 
 def _run_info(args) -> int:
-    from theia_ros.weights import CheckpointError
     from theia_ros.encoder.model import load_model
+    from theia_ros.weights import CheckpointError
 
     try:
         model = load_model(args.source, seed=args.seed)
@@ -31,14 +31,14 @@ def _run_info(args) -> int:
 
 
 def add_parser(subparsers):
+    from theia_ros.cli.options import add_encoder_options, add_source_argument
+
     parser = subparsers.add_parser(
         "info", help="describe a Theia checkpoint",
         description="Load a Theia checkpoint (local directory, hub id, or random:<variant>) and print "
                     "its variant, parameter count, weights digest, hidden size and teachers.")
-    parser.add_argument("source", metavar="SOURCE",
-                        help="checkpoint directory, hub id (theaiinstitute/theia-tiny-patch16-224-cddsv) "
-                             "or random:<variant>")
-    parser.add_argument("--seed", type=int, default=None, help="seed for random:<variant> sources (default 0)")
+    add_source_argument(parser)
+    add_encoder_options(parser, "seed")
     parser.add_argument("--json", action="store_true", help="print the description as JSON")
     parser.set_defaults(func=_run_info)
     return parser

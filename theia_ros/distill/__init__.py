@@ -3,7 +3,7 @@
 Teachers (CLIP, DINOv2, ViT, SAM, Depth-Anything, or any registered :class:`TeacherSpec`) are run
 once over the images and their feature maps cached on disk; the student (a Theia encoder with one
 translator head per teacher) is then trained to predict the normalised maps and written in the
-published checkpoint layout, so :func:`theia_ros.model.load_model` and everything built on it
+published checkpoint layout, so :func:`theia_ros.encoder.model.load_model` and everything built on it
 read the result unchanged. Entry points: :func:`distill` and ``theia-ros distill``.
 """
 from theia_ros.distill.cache import FeatureCache

@@ -160,10 +160,9 @@ class BagSource:
 
     def frames(self) -> List[Tuple[str, int, int]]:
         if self._frames is None:
-            from theia_ros.bags.io import open_reader
+            from theia_ros.bags.io import open_bag
 
-            reader = open_reader(self.path)
-            try:
+            with open_bag(self.path) as reader:
                 cams = self._camera_connections(reader)
                 count: Dict[str, int] = {}
                 frames = []
@@ -172,8 +171,6 @@ class BagSource:
                     count[conn.topic] = n + 1
                     if n % self.stride == 0:
                         frames.append((conn.topic, n, int(timestamp)))
-            finally:
-                reader.close()
             self._frames = frames
         return self._frames
 
@@ -186,15 +183,13 @@ class BagSource:
 
     def load(self, items: Sequence[ImageItem]) -> Iterator[Tuple[ImageItem, Optional[np.ndarray]]]:
         """One pass through the bag; yields the requested frames in bag order (None: undecodable)."""
-        from theia_ros.bags.encode import decode_camera_message
-        from theia_ros.bags.io import open_reader
+        from theia_ros.bags.io import decode_camera_message, open_bag
         from theia_ros.images import ImageDecodeError
 
         wanted = {item.ref: item for item in items}
         if not wanted:
             return
-        reader = open_reader(self.path)
-        try:
+        with open_bag(self.path) as reader:
             cams = self._camera_connections(reader)
             count: Dict[str, int] = {}
             for conn, _, raw in reader.messages(connections=cams):
@@ -211,8 +206,6 @@ class BagSource:
                     yield item, None
                 if not wanted:
                     break
-        finally:
-            reader.close()
         for item in wanted.values():  # the bag changed since it was indexed
             log.warning("frame %s is no longer in %s", item.key, self.path)
             yield item, None

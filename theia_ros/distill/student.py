@@ -1,5 +1,5 @@
 """The student: a Theia encoder (``TheiaModel``) with one translator head per teacher; its loss;
-writing it in the published checkpoint layout that :func:`theia_ros.model.load_model` reads.
+writing it in the published checkpoint layout that :func:`theia_ros.encoder.model.load_model` reads.
 """
 from __future__ import annotations
 
@@ -13,16 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from theia_ros.encoder.model import (
-    BACKBONES,
-    TheiaConfig,
-    TheiaModel,
-    checkpoint_key_order,
-    head_module_name,
-    load_model,
-    module_key_to_checkpoint_key,
-    variant_config,
-)
+from theia_ros.encoder.checkpoint import checkpoint_key_order, head_module_name, module_key_to_checkpoint_key
+from theia_ros.encoder.config import BACKBONES, TheiaConfig, variant_config
+from theia_ros.encoder.model import TheiaModel, load_model
 
 __all__ = [
     "COS_WEIGHT",

@@ -38,7 +38,7 @@ import dataclasses
 import hashlib
 import json
 import zlib
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -432,10 +432,6 @@ def build_teacher(name, mode: str = "pretrained", *, device="cpu", seed: int = 0
         raise ValueError(f"teacher precision must be fp32, bf16 or fp16, got {precision!r}")
     return Teacher(spec, model, mode, fingerprint=teacher_fingerprint(spec, mode, seed=seed, revision=revision),
                    device=device, autocast_dtype=autocast[precision])
-
-
-def build_teachers(names: Iterable, mode: str = "pretrained", **kwargs) -> List[Teacher]:
-    return [build_teacher(n, mode, **kwargs) for n in names]
 
 
 def specs_for(names: Sequence[str]) -> List[TeacherSpec]:

@@ -38,13 +38,19 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from theia_ros.preprocess import to_model_input
-
 from theia_ros.distill.cache import FeatureCache, teacher_dir_name
 from theia_ros.distill.sources import build_index, dataset_id, make_sources, split_items
-from theia_ros.distill.student import STATS_FILE, StudentForward, build_student, distill_loss, map_cosine, write_feature_stats, \
-    write_published
+from theia_ros.distill.student import (
+    STATS_FILE,
+    StudentForward,
+    build_student,
+    distill_loss,
+    map_cosine,
+    write_feature_stats,
+    write_published,
+)
 from theia_ros.distill.teachers import TEACHER_MODES, build_teacher, specs_for, teacher_fingerprint
+from theia_ros.preprocess import to_model_input
 
 __all__ = ["DistillConfig", "DistillResult", "StreamSampler", "distill", "lr_factor", "plot_history"]
 
@@ -92,7 +98,7 @@ class DistillConfig:
     stop_after: Optional[int] = None  # stop (with a checkpoint) at this step, schedule planned for `steps`
     overwrite: bool = False
     extract_only: bool = False
-    threads: Optional[int] = None
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     plot: bool = True
     ddp: Optional[bool] = None  # None: when WORLD_SIZE > 1
     teacher_cache_dir: Optional[str] = None  # Hugging Face cache for teacher weights
@@ -360,29 +366,76 @@ def distill(cfg: DistillConfig, log_fn: Optional[Callable[[str], None]] = None) 
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     dist = _Dist(cfg)
-    device = dist.device
     if log_fn is None:
         def log_fn(msg):
             print(msg, file=sys.stderr, flush=True)
     log = log_fn if dist.main else (lambda msg: None)
     try:
-        return _distill(cfg, dist, device, log, t_start)
+        return _distill(cfg, dist, log, t_start)
     finally:
         dist.close()
 
 
-def _distill(cfg: DistillConfig, dist: _Dist, device: torch.device, log, t_start: float) -> DistillResult:
+def _distill(cfg: DistillConfig, dist: _Dist, log, t_start: float) -> DistillResult:
     out = Path(cfg.out)
     ckpt_dir = out / "checkpoints"
     if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        if _checkpoints(ckpt_dir) and not cfg.resume and not cfg.extract_only:
-            if not cfg.overwrite:
-                raise FileExistsError(f"{ckpt_dir} holds checkpoints of an earlier run: pass resume to continue "
-                                      "it, overwrite to start over, or another output folder")
-            shutil.rmtree(ckpt_dir)
+        _prepare_out(cfg, out, ckpt_dir)
+    images = _index_images(cfg, dist, out, log)
+    teachers = _cache_teacher_features(cfg, dist, images, log)
+    _target_stats(dist, images, teachers)
 
-    # ---- data and cache ----------------------------------------------------------------
+    global_batch = cfg.batch * dist.world
+    lr = cfg.lr if cfg.lr is not None else 2e-3 * global_batch / 512
+    if cfg.extract_only:
+        log("distill: features cached (extract only)")
+        return DistillResult(out, images.cache.dir, 0, 0, [], [], teachers.calls, teachers.images_seen,
+                             len(images.train_idx), len(images.held_idx), None, teachers.stats, lr, global_batch, 0.0,
+                             time.perf_counter() - t_start)
+    steps = (int(cfg.steps) if cfg.steps is not None
+             else max(1, math.ceil(cfg.epochs * len(images.train_idx) / global_batch)))
+
+    trainer = _Trainer(cfg, dist, images, teachers, out=out, ckpt_dir=ckpt_dir, global_batch=global_batch, lr=lr,
+                       steps=steps, log=log)
+    if cfg.resume:
+        trainer.resume(cfg.resume)
+    images_per_s = trainer.run()
+    dist.barrier()
+    model = trainer.model
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if dist.main:
+        _write_outputs(cfg, out, trainer, images, teachers, images_per_s, log)
+    dist.barrier()
+    return DistillResult(out, images.cache.dir, trainer.step, steps, trainer.history, trainer.evals, teachers.calls,
+                         teachers.images_seen, len(images.train_idx), len(images.held_idx), model, teachers.stats, lr,
+                         global_batch, images_per_s, time.perf_counter() - t_start)
+
+
+def _prepare_out(cfg: DistillConfig, out: Path, ckpt_dir: Path) -> None:
+    """Create the output folder; refuse to mix with an earlier run's checkpoints unless told."""
+    out.mkdir(parents=True, exist_ok=True)
+    if _checkpoints(ckpt_dir) and not cfg.resume and not cfg.extract_only:
+        if not cfg.overwrite:
+            raise FileExistsError(f"{ckpt_dir} holds checkpoints of an earlier run: pass resume to continue "
+                                  "it, overwrite to start over, or another output folder")
+        shutil.rmtree(ckpt_dir)
+
+
+@dataclasses.dataclass
+class _Images:
+    """The indexed images, decoded into the cache, and their train / held-out split (decodable ones)."""
+
+    dataset: str
+    cache: FeatureCache
+    train_idx: List[int]
+    held_idx: List[int]
+
+
+def _index_images(cfg: DistillConfig, dist: _Dist, out: Path, log) -> _Images:
+    """Stage 1 (and the decoding of stage 2): index the sources, split them, decode the images into the
+    cache (main process)."""
     sources = make_sources(cfg.images, cfg.bags, cfg.bag_topics, cfg.bag_stride, cfg.bag_block_s)
     items = build_index(sources)
     if not items:
@@ -402,249 +455,302 @@ def _distill(cfg: DistillConfig, dist: _Dist, device: torch.device, log, t_start
     if bad:
         log(f"distill: {bad} undecodable image(s) left out")
     log(f"distill: {len(train_idx)} training image(s), {len(held_idx)} held out")
+    return _Images(dataset, cache, train_idx, held_idx)
 
+
+@dataclasses.dataclass
+class _TeacherFeatures:
+    """The teachers' cached feature maps and their per-channel statistics over the training images."""
+
+    specs: list
+    mode: str
+    ids: List[str]  # model ids, in the order of the student's heads
+    targets: Dict[str, Tuple[int, int, int]]
+    dirs: Dict[str, str]  # model id -> cache folder
+    calls: Dict[str, int]  # model id -> teacher forward calls this run
+    images_seen: Dict[str, int]
+    split: str = ""  # identity of the training split the statistics are over
+    stats: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
+
+
+def _cache_teacher_features(cfg: DistillConfig, dist: _Dist, images: _Images, log) -> _TeacherFeatures:
+    """Stage 2: run each teacher over the shards it is missing (a teacher is built only then), one at a
+    time so that one teacher's weights are in memory at once."""
     specs = specs_for(cfg.teachers)
     if not specs:
         raise ValueError("no teachers")
     mode = cfg.teacher_mode
-    teacher_ids = [s.model_id for s in specs]
-    targets: Dict[str, Tuple[int, int, int]] = {s.model_id: s.target_for(mode) for s in specs}
-    dirs: Dict[str, str] = {}
-    calls: Dict[str, int] = {}
-    images_seen: Dict[str, int] = {}
+    device = dist.device
+    found = _TeacherFeatures(specs, mode, [s.model_id for s in specs], {s.model_id: s.target_for(mode) for s in specs},
+                             {}, {}, {})
     for spec in specs:
         fp = teacher_fingerprint(spec, mode, seed=cfg.seed, revision=cfg.teacher_revision)
-        dirs[spec.model_id] = teacher_dir_name(spec.model_id, mode, fp)
+        found.dirs[spec.model_id] = teacher_dir_name(spec.model_id, mode, fp)
 
         def make(spec=spec):
             log(f"distill: building teacher {spec.name} ({spec.model_id}, {mode})")
             return build_teacher(spec, mode, device=device, seed=cfg.seed, revision=cfg.teacher_revision,
                                  cache_dir=cfg.teacher_cache_dir, precision=cfg.teacher_precision)
 
-        _, teacher = cache.ensure_teacher(dirs[spec.model_id], fp, targets[spec.model_id], make,
-                                          batch=cfg.teacher_batch, rank=dist.rank, world=dist.world, log_fn=log)
-        calls[spec.model_id] = teacher.calls if teacher is not None else 0
-        images_seen[spec.model_id] = teacher.images if teacher is not None else 0
+        _, teacher = images.cache.ensure_teacher(found.dirs[spec.model_id], fp, found.targets[spec.model_id], make,
+                                                 batch=cfg.teacher_batch, rank=dist.rank, world=dist.world,
+                                                 log_fn=log)
+        found.calls[spec.model_id] = teacher.calls if teacher is not None else 0
+        found.images_seen[spec.model_id] = teacher.images if teacher is not None else 0
         del teacher
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     dist.barrier()
-    split = hashlib.sha1((dataset + ":" + ",".join(map(str, train_idx))).encode()).hexdigest()[:12]
-    stats: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+    return found
+
+
+def _target_stats(dist: _Dist, images: _Images, teachers: _TeacherFeatures) -> None:
+    """Stage 3: per-teacher per-channel mean / std over the training images (computed and cached by the
+    main process, then read by every process)."""
+    teachers.split = hashlib.sha1((images.dataset + ":" + ",".join(map(str, images.train_idx))).encode()
+                                  ).hexdigest()[:12]
     if dist.main:
-        for t in teacher_ids:
-            stats[t] = cache.teacher_stats(dirs[t], train_idx, split)
+        for t in teachers.ids:
+            teachers.stats[t] = images.cache.teacher_stats(teachers.dirs[t], images.train_idx, teachers.split)
     dist.barrier()
-    for t in teacher_ids:
-        stats[t] = cache.teacher_stats(dirs[t], train_idx, split)
+    for t in teachers.ids:
+        teachers.stats[t] = images.cache.teacher_stats(teachers.dirs[t], images.train_idx, teachers.split)
 
-    global_batch = cfg.batch * dist.world
-    lr = cfg.lr if cfg.lr is not None else 2e-3 * global_batch / 512
-    if cfg.extract_only:
-        log("distill: features cached (extract only)")
-        return DistillResult(out, cache.dir, 0, 0, [], [], calls, images_seen, len(train_idx), len(held_idx), None,
-                             stats, lr, global_batch, 0.0, time.perf_counter() - t_start)
-    steps = int(cfg.steps) if cfg.steps is not None else max(1, math.ceil(cfg.epochs * len(train_idx) / global_batch))
-    warmup_steps = int(round(cfg.warmup * steps))
-    stop = min(steps, cfg.stop_after) if cfg.stop_after else steps
 
-    # ---- student, optimiser --------------------------------------------------------------
-    model, info = build_student(targets, init=cfg.init, from_scratch=cfg.from_scratch, seed=cfg.seed)
-    log(f"distill: student {model.config.backbone} ({model.num_parameters / 1e6:.2f} M parameters); "
-        f"heads copied: {', '.join(map(_short, info['heads_copied'])) or 'none'}; "
-        f"new: {', '.join(map(_short, info['heads_new'])) or 'none'}")
-    model.to(device)
-    student = StudentForward(model, teacher_ids)
-    forward = student
-    if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel
+class _Trainer:
+    """Stages 4 and 5: the student and its optimiser, the training loop, held-out evaluation and
+    checkpoints (with ``resume``, the same loss curve continues)."""
 
-        forward = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=lr, betas=tuple(cfg.betas))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, warmup_steps, cfg.warmup_start))
-    fingerprint = _run_fingerprint(cfg, dataset, split, targets, global_batch, lr)
+    def __init__(self, cfg: DistillConfig, dist: _Dist, images: _Images, teachers: _TeacherFeatures, *, out: Path,
+                 ckpt_dir: Path, global_batch: int, lr: float, steps: int, log):
+        self.cfg, self.dist, self.images, self.teachers, self.log = cfg, dist, images, teachers, log
+        self.device = dist.device
+        self.out, self.ckpt_dir = out, ckpt_dir
+        self.global_batch, self.lr, self.steps = global_batch, lr, steps
+        self.warmup_steps = int(round(cfg.warmup * steps))
+        self.stop = min(steps, cfg.stop_after) if cfg.stop_after else steps
 
-    history: List[dict] = []
-    evals: List[dict] = []
-    step = 0
-    if cfg.resume:
+        model, info = build_student(teachers.targets, init=cfg.init, from_scratch=cfg.from_scratch, seed=cfg.seed)
+        log(f"distill: student {model.config.backbone} ({model.num_parameters / 1e6:.2f} M parameters); "
+            f"heads copied: {', '.join(map(_short, info['heads_copied'])) or 'none'}; "
+            f"new: {', '.join(map(_short, info['heads_new'])) or 'none'}")
+        model.to(self.device)
+        self.model = model
+        self.student = StudentForward(model, teachers.ids)
+        self.forward = self.student
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.forward = DistributedDataParallel(
+                self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=lr, betas=tuple(cfg.betas))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.warmup_steps, cfg.warmup_start))
+        self.fingerprint = _run_fingerprint(cfg, images.dataset, teachers.split, teachers.targets, global_batch, lr)
+        self.history: List[dict] = []
+        self.evals: List[dict] = []
+        self.step = 0
+
+    def resume(self, resume: str) -> None:
+        """Continue from a checkpoint ("latest" in ckpt_dir, or a path) made with the same settings."""
         path = None
-        if cfg.resume == "latest":
-            found = _checkpoints(ckpt_dir)
+        if resume == "latest":
+            found = _checkpoints(self.ckpt_dir)
             path = found[-1] if found else None
             if path is None:
-                log(f"distill: no checkpoint in {ckpt_dir}: starting from step 0")
+                self.log(f"distill: no checkpoint in {self.ckpt_dir}: starting from step 0")
         else:
-            path = Path(cfg.resume)
-        if path is not None:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            if ckpt.get("format") != CHECKPOINT_FORMAT:
-                raise ValueError(f"{path}: not a distillation checkpoint of this version")
-            diff = {k: (ckpt["run"].get(k), v) for k, v in fingerprint.items() if ckpt["run"].get(k) != v}
-            if diff:
-                raise ValueError(f"{path}: checkpoint was made with other settings: "
-                                 + "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items()))
-            if ckpt["steps"] != steps:
-                log(f"distill: warning: the checkpoint planned {ckpt['steps']} steps, now {steps} "
-                    "(the warm-up length changes)")
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            _set_rng_state(ckpt["rng"])
-            step = int(ckpt["step"])
-            history = list(ckpt["history"])
-            evals = list(ckpt["evals"])
-            log(f"distill: resumed from {path} at step {step}")
+            path = Path(resume)
+        if path is None:
+            return
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path}: not a distillation checkpoint of this version")
+        diff = {k: (ckpt["run"].get(k), v) for k, v in self.fingerprint.items() if ckpt["run"].get(k) != v}
+        if diff:
+            raise ValueError(f"{path}: checkpoint was made with other settings: "
+                             + "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items()))
+        if ckpt["steps"] != self.steps:
+            self.log(f"distill: warning: the checkpoint planned {ckpt['steps']} steps, now {self.steps} "
+                     "(the warm-up length changes)")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        _set_rng_state(ckpt["rng"])
+        self.step = int(ckpt["step"])
+        self.history = list(ckpt["history"])
+        self.evals = list(ckpt["evals"])
+        self.log(f"distill: resumed from {path} at step {self.step}")
 
-    log_path = out / "train_log.jsonl"
-    if dist.main:
-        log_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+    def run(self) -> float:
+        """Train from the current step to the stop step, evaluating and checkpointing on the way;
+        returns the training throughput in images per second."""
+        cfg, dist, ids = self.cfg, self.dist, self.teachers.ids
+        self.log_path = self.out / "train_log.jsonl"
+        if dist.main:
+            self.log_path.write_text("".join(json.dumps(h) + "\n" for h in self.history))
+        self.reader = self.images.cache.reader([self.teachers.dirs[t] for t in ids])
+        self.sampler = StreamSampler(self.images.train_idx, self.global_batch, cfg.seed)
+        self.means = [self.teachers.stats[t][0].to(self.device).view(1, 1, -1) for t in ids]
+        self.stds = [self.teachers.stats[t][1].to(self.device).view(1, 1, -1) for t in ids]
+        self.use_amp = cfg.amp == "bf16" or (cfg.amp == "auto" and self.device.type == "cuda")
 
-    reader = cache.reader([dirs[t] for t in teacher_ids])
-    sampler = StreamSampler(train_idx, global_batch, cfg.seed)
-    means = [stats[t][0].to(device).view(1, 1, -1) for t in teacher_ids]
-    stds = [stats[t][1].to(device).view(1, 1, -1) for t in teacher_ids]
-    use_amp = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
+        do_eval = bool(self.images.held_idx) and cfg.evaluate
+        if do_eval and self.step == 0 and not self.evals:
+            self._evaluate_and_log()
+        images_per_s = self._train_loop(do_eval)
+        if do_eval and (not self.evals or self.evals[-1]["step"] != self.step):
+            self._evaluate_and_log(final=True)
+        self.save()
+        return images_per_s
 
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.use_amp else contextlib.nullcontext()
 
-    def prepare(images, feats):
-        pixels = to_model_input(images.to(device, non_blocking=True))
-        tgts = [((f.to(device, non_blocking=True).float().flatten(2).transpose(1, 2)) - m) / s
-                for f, m, s in zip(feats, means, stds)]
+    def _prepare(self, images, feats):
+        """Model input and normalised targets [B, tokens, C] on the device."""
+        pixels = to_model_input(images.to(self.device, non_blocking=True))
+        tgts = [((f.to(self.device, non_blocking=True).float().flatten(2).transpose(1, 2)) - m) / s
+                for f, m, s in zip(feats, self.means, self.stds)]
         return pixels, tgts
 
-    def evaluate(at_step: int) -> dict:
-        held = held_idx[:cfg.eval_images] if cfg.eval_images else held_idx
+    def _train_loop(self, do_eval: bool) -> float:
+        """Steps up to `stop` with progress logs, periodic evaluation and checkpoints; returns images/s."""
+        cfg, dist, ids = self.cfg, self.dist, self.teachers.ids
+        self.log(f"distill: steps {self.step}->{self.stop} of {self.steps}, batch {cfg.batch} x {dist.world}, "
+                 f"lr {self.lr:.3g} (warm-up {self.warmup_steps} steps), amp {'bf16' if self.use_amp else 'off'}, "
+                 f"device {self.device}")
+        loader = torch.utils.data.DataLoader(
+            _StepBatches(self.sampler, self.reader, dist.rank, dist.world), batch_size=None,
+            sampler=range(self.step, self.stop), num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda",
+            persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
+        window_t, window_steps = time.perf_counter(), 0
+        train_t, train_images = 0.0, 0
+        step_time_ema = None
+        self.model.train()
+        for images, feats in loader:
+            rec = self._train_step(images, feats)
+            window_steps += 1
+            train_images += self.global_batch
+            step = self.step
+            if cfg.log_every and (step % cfg.log_every == 0 or step == self.stop):
+                now = time.perf_counter()
+                per_step = (now - window_t) / window_steps
+                train_t += now - window_t
+                step_time_ema = per_step if step_time_ema is None else 0.7 * step_time_ema + 0.3 * per_step
+                per_teacher = " ".join(f"{_short(t)} {rec[f'loss/{t}']:.4f}" for t in ids)
+                eta = _fmt_time(step_time_ema * (self.stop - step))
+                self.log(f"step {step}/{self.steps} loss {rec['loss']:.4f} [{per_teacher}] lr {rec['lr']:.3g} "
+                         f"{self.global_batch / per_step:.1f} img/s ETA {eta}")
+                window_t, window_steps = time.perf_counter(), 0
+            if do_eval and cfg.eval_every and step % cfg.eval_every == 0 and step != self.stop:
+                self._evaluate_and_log()
+                window_t = time.perf_counter()
+            if cfg.save_every and step % cfg.save_every == 0 and step != self.stop:
+                self.save()
+                window_t = time.perf_counter()
+        if window_steps:
+            train_t += time.perf_counter() - window_t
+        return train_images / train_t if train_t > 0 else 0.0
+
+    def _train_step(self, images, feats) -> dict:
+        """One optimiser step; its record (loss per teacher, averaged over processes) is appended to the
+        history and the log file."""
+        pixels, tgts = self._prepare(images, feats)
+        with self._autocast():
+            preds = self.forward(pixels)
+        loss, parts = distill_loss(preds, tgts)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        lr_now = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        values = self.dist.mean([float(loss.detach())] + [float(v.detach()) for p in parts for v in p])
+        rec = {"step": self.step, "loss": values[0], "lr": lr_now,
+               "epoch": round(self.sampler.epoch_at(self.step), 4)}
+        for k, t in enumerate(self.teachers.ids):
+            rec[f"loss/{t}"], rec[f"cos_loss/{t}"], rec[f"l1/{t}"] = values[1 + 3 * k: 4 + 3 * k]
+        self.history.append(rec)
+        if self.dist.main:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        return rec
+
+    def _evaluate_and_log(self, final: bool = False) -> None:
+        self.evals.append(self.evaluate())
+        note = f" (start {self.evals[0]['cos']:.4f})" if final else ""
+        self.log(f"distill: held-out cosine at step {self.step}: {self.evals[-1]['cos']:.4f}{note}")
+
+    def evaluate(self) -> dict:
+        """Mean cosine and loss per teacher on the held-out images (shared among the processes)."""
+        cfg, dist, ids = self.cfg, self.dist, self.teachers.ids
+        held = self.images.held_idx[:cfg.eval_images] if cfg.eval_images else self.images.held_idx
         mine = held[dist.rank::dist.world]
-        sums = [0.0] * (2 * len(teacher_ids))
+        sums = [0.0] * (2 * len(ids))
         count = 0
-        model.eval()
+        self.model.eval()
         with torch.no_grad():
             for s in range(0, len(mine), cfg.batch):
-                pixels, tgts = prepare(*reader.batch(mine[s:s + cfg.batch]))
-                with autocast():
-                    preds = student(pixels)
+                pixels, tgts = self._prepare(*self.reader.batch(mine[s:s + cfg.batch]))
+                with self._autocast():
+                    preds = self.student(pixels)
                 _, parts = distill_loss(preds, tgts)
                 for k, (pred, tgt, (loss, _, _)) in enumerate(zip(preds, tgts, parts)):
                     n = pixels.shape[0]
                     sums[2 * k] += float(map_cosine(pred, tgt).sum())
                     sums[2 * k + 1] += float(loss) * n
                 count += pixels.shape[0]
-        model.train()
+        self.model.train()
         totals = dist.sum(sums + [float(count)])
         n = max(totals[-1], 1.0)
-        rec = {"step": at_step, "images": int(totals[-1])}
-        for k, t in enumerate(teacher_ids):
+        rec = {"step": self.step, "images": int(totals[-1])}
+        for k, t in enumerate(ids):
             rec[f"cos/{t}"] = totals[2 * k] / n
             rec[f"loss/{t}"] = totals[2 * k + 1] / n
-        rec["cos"] = float(np.mean([rec[f"cos/{t}"] for t in teacher_ids]))
-        rec["loss"] = float(np.mean([rec[f"loss/{t}"] for t in teacher_ids]))
+        rec["cos"] = float(np.mean([rec[f"cos/{t}"] for t in ids]))
+        rec["loss"] = float(np.mean([rec[f"loss/{t}"] for t in ids]))
         return rec
 
-    def save(at_step: int):
-        if not dist.main:
+    def save(self) -> None:
+        """Checkpoint of the current step (main process); older ones beyond keep_checkpoints go."""
+        if not self.dist.main:
             return
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        state = {"format": CHECKPOINT_FORMAT, "step": at_step, "steps": steps, "run": fingerprint,
-                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "rng": _rng_state(), "history": history, "evals": evals,
-                 "teachers": teacher_ids}
-        path = ckpt_dir / f"step-{at_step:08d}.pt"
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        state = {"format": CHECKPOINT_FORMAT, "step": self.step, "steps": self.steps, "run": self.fingerprint,
+                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "rng": _rng_state(), "history": self.history,
+                 "evals": self.evals, "teachers": self.teachers.ids}
+        path = self.ckpt_dir / f"step-{self.step:08d}.pt"
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         torch.save(state, tmp)
         os.replace(tmp, path)
-        for old in _checkpoints(ckpt_dir)[:-max(1, cfg.keep_checkpoints)]:
+        for old in _checkpoints(self.ckpt_dir)[:-max(1, self.cfg.keep_checkpoints)]:
             old.unlink()
 
-    do_eval = bool(held_idx) and cfg.evaluate
-    if do_eval and step == 0 and not evals:
-        evals.append(evaluate(step))
-        log(f"distill: held-out cosine at step {step}: {evals[-1]['cos']:.4f}")
 
-    # ---- training loop ---------------------------------------------------------------------
-    log(f"distill: steps {step}->{stop} of {steps}, batch {cfg.batch} x {dist.world}, lr {lr:.3g} "
-        f"(warm-up {warmup_steps} steps), amp {'bf16' if use_amp else 'off'}, device {device}")
-    loader = torch.utils.data.DataLoader(
-        _StepBatches(sampler, reader, dist.rank, dist.world), batch_size=None, sampler=range(step, stop),
-        num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-        persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
-    window_t, window_steps = time.perf_counter(), 0
-    train_t, train_images = 0.0, 0
-    step_time_ema = None
-    model.train()
-    for images, feats in loader:
-        pixels, tgts = prepare(images, feats)
-        with autocast():
-            preds = forward(pixels)
-        loss, parts = distill_loss(preds, tgts)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        lr_now = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        values = dist.mean([float(loss.detach())] + [float(v.detach()) for p in parts for v in p])
-        rec = {"step": step, "loss": values[0], "lr": lr_now, "epoch": round(sampler.epoch_at(step), 4)}
-        for k, t in enumerate(teacher_ids):
-            rec[f"loss/{t}"], rec[f"cos_loss/{t}"], rec[f"l1/{t}"] = values[1 + 3 * k: 4 + 3 * k]
-        history.append(rec)
-        if dist.main:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-        window_steps += 1
-        train_images += global_batch
-        if cfg.log_every and (step % cfg.log_every == 0 or step == stop):
-            now = time.perf_counter()
-            per_step = (now - window_t) / window_steps
-            train_t += now - window_t
-            step_time_ema = per_step if step_time_ema is None else 0.7 * step_time_ema + 0.3 * per_step
-            per_teacher = " ".join(f"{_short(t)} {rec[f'loss/{t}']:.4f}" for t in teacher_ids)
-            log(f"step {step}/{steps} loss {rec['loss']:.4f} [{per_teacher}] lr {lr_now:.3g} "
-                f"{global_batch / per_step:.1f} img/s ETA {_fmt_time(step_time_ema * (stop - step))}")
-            window_t, window_steps = time.perf_counter(), 0
-        if do_eval and cfg.eval_every and step % cfg.eval_every == 0 and step != stop:
-            evals.append(evaluate(step))
-            log(f"distill: held-out cosine at step {step}: {evals[-1]['cos']:.4f}")
-            window_t = time.perf_counter()
-        if cfg.save_every and step % cfg.save_every == 0 and step != stop:
-            save(step)
-            window_t = time.perf_counter()
-    if window_steps:
-        train_t += time.perf_counter() - window_t
-
-    if do_eval and (not evals or evals[-1]["step"] != step):
-        evals.append(evaluate(step))
-        log(f"distill: held-out cosine at step {step}: {evals[-1]['cos']:.4f} "
-            f"(start {evals[0]['cos']:.4f})")
-    save(step)
-    dist.barrier()
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    images_per_s = train_images / train_t if train_t > 0 else 0.0
-    if dist.main:
-        extra = {"theia_ros_distill": {
-            "teachers": {s.model_id: {"name": s.name, "mode": mode, "cache": dirs[s.model_id]} for s in specs},
-            "init": cfg.init, "from_scratch": cfg.from_scratch, "step": step, "steps": steps,
-            "global_batch": global_batch, "lr": lr, "dataset": dataset, "train_images": len(train_idx),
-            "held_out_images": len(held_idx), "feature_stats": STATS_FILE,
-            "held_out_cosine": evals[-1]["cos"] if evals else None,
-            "targets_normalised": "per teacher, per channel: (x - mean) / std, see " + STATS_FILE}}
-        write_published(model, out, extra)
-        write_feature_stats(out, {t: stats[t] for t in teacher_ids})
-        if cfg.plot and history:
-            plot_history(history, evals, teacher_ids, out / "losses.png")
-        summary = {"step": step, "steps": steps, "train_images": len(train_idx), "held_out_images": len(held_idx),
-                   "images_per_s": images_per_s, "teacher_forward_calls": calls, "evals": evals,
-                   "final_loss": history[-1]["loss"] if history else None}
-        (out / "distill_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        log(f"distill: wrote {out / 'model.safetensors'} (step {step} of {steps}"
-            f"{', stopped early' if step < steps else ''})")
-    dist.barrier()
-    return DistillResult(out, cache.dir, step, steps, history, evals, calls, images_seen, len(train_idx),
-                         len(held_idx), model, stats, lr, global_batch, images_per_s,
-                         time.perf_counter() - t_start)
+def _write_outputs(cfg: DistillConfig, out: Path, trainer: _Trainer, images: _Images, teachers: _TeacherFeatures,
+                   images_per_s: float, log) -> None:
+    """Stage 6: the student in the published layout, its target statistics, the loss plot and a summary."""
+    step, steps, history, evals = trainer.step, trainer.steps, trainer.history, trainer.evals
+    extra = {"theia_ros_distill": {
+        "teachers": {s.model_id: {"name": s.name, "mode": teachers.mode, "cache": teachers.dirs[s.model_id]}
+                     for s in teachers.specs},
+        "init": cfg.init, "from_scratch": cfg.from_scratch, "step": step, "steps": steps,
+        "global_batch": trainer.global_batch, "lr": trainer.lr, "dataset": images.dataset,
+        "train_images": len(images.train_idx), "held_out_images": len(images.held_idx),
+        "feature_stats": STATS_FILE,
+        "held_out_cosine": evals[-1]["cos"] if evals else None,
+        "targets_normalised": "per teacher, per channel: (x - mean) / std, see " + STATS_FILE}}
+    write_published(trainer.model, out, extra)
+    write_feature_stats(out, {t: teachers.stats[t] for t in teachers.ids})
+    if cfg.plot and history:
+        plot_history(history, evals, teachers.ids, out / "losses.png")
+    summary = {"step": step, "steps": steps, "train_images": len(images.train_idx),
+               "held_out_images": len(images.held_idx), "images_per_s": images_per_s,
+               "teacher_forward_calls": teachers.calls, "evals": evals,
+               "final_loss": history[-1]["loss"] if history else None}
+    (out / "distill_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log(f"distill: wrote {out / 'model.safetensors'} (step {step} of {steps}"
+        f"{', stopped early' if step < steps else ''})")

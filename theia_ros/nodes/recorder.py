@@ -2,42 +2,25 @@
 writes each message with its receive time into a bags.record.BagRecorder, as `ros2 bag record` does."""
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 
-from theia_ros.bags.io import BagError
+import rclpy
+from rclpy.executors import SingleThreadedExecutor
+
+from theia_ros.bags.io import DEFAULT_BAG_VERSION, DEFAULT_STORAGE, BagError
 from theia_ros.bags.record import BagRecorder
+from theia_ros.nodes.environment import use_package_fastdds_profile
+from theia_ros.nodes.qos import qos_matching_publishers
+from theia_ros.nodes.runtime import message_class
 
 log = logging.getLogger(__name__)
-
-def message_class(msgtype: str):
-    """The rosidl Python class of 'pkg/msg/Type'."""
-    pkg, _, name = msgtype.partition("/msg/")
-    try:
-        return getattr(importlib.import_module(f"{pkg}.msg"), name)
-    except (ImportError, AttributeError) as exc:
-        raise BagError(f"cannot import the message class of {msgtype}: {exc}") from exc
-
-
-def _qos_for(node, topic):
-    """QoS compatible with every publisher of `topic` (as ros2 bag record adapts)."""
-    from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
-
-    infos = node.get_publishers_info_by_topic(topic)
-    reliable = bool(infos) and all(i.qos_profile.reliability == ReliabilityPolicy.RELIABLE for i in infos)
-    latched = bool(infos) and all(i.qos_profile.durability == DurabilityPolicy.TRANSIENT_LOCAL for i in infos)
-    return QoSProfile(depth=100, history=HistoryPolicy.KEEP_LAST,
-                      reliability=ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT,
-                      durability=DurabilityPolicy.TRANSIENT_LOCAL if latched else DurabilityPolicy.VOLATILE)
 
 
 class RecorderNode:
     """rclpy node that records `topics` into `recorder` as their publishers appear."""
 
     def __init__(self, recorder: BagRecorder, topics, *, context=None, node_name="theia_bag_recorder"):
-        import rclpy
-
         self.recorder = recorder
         self.topics = ["/" + t.lstrip("/") for t in topics]
         self.node = rclpy.create_node(node_name, context=context)
@@ -54,10 +37,14 @@ class RecorderNode:
             msgtype = types[topic][0]
             if len(types[topic]) > 1:
                 log.warning("%s has several types %s; recording %s", topic, types[topic], msgtype)
+            try:
+                cls = message_class(msgtype)
+            except ValueError as exc:
+                raise BagError(str(exc)) from None
             self.recorder.add_topic(topic, msgtype)
-            cls = message_class(msgtype)
             self.subscriptions[topic] = self.node.create_subscription(
-                cls, topic, lambda data, t=topic: self._on_message(t, data), _qos_for(self.node, topic), raw=True)
+                cls, topic, lambda data, t=topic: self._on_message(t, data),
+                qos_matching_publishers(self.node, topic), raw=True)
             self.node.get_logger().info(f"recording {topic} ({msgtype})")
 
     def _on_message(self, topic, data):
@@ -68,13 +55,9 @@ class RecorderNode:
         self.node.destroy_node()
 
 
-def record(out, topics, *, storage="mcap", version=9, duration=None, overwrite=False, max_messages=None):
+def record(out, topics, *, storage=DEFAULT_STORAGE, version=DEFAULT_BAG_VERSION, duration=None, overwrite=False,
+           max_messages=None):
     """Record `topics` into bag `out` until Ctrl-C, `duration` seconds or `max_messages`."""
-    import rclpy
-    from rclpy.executors import SingleThreadedExecutor
-
-    from theia_ros.nodes.environment import use_package_fastdds_profile
-
     use_package_fastdds_profile()
     rclpy.init()
     recorder = BagRecorder(out, storage=storage, version=version, overwrite=overwrite)
