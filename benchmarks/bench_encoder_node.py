@@ -27,14 +27,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "test"))
 os.environ.setdefault("ROS_DOMAIN_ID", str(os.getpid() % 100 + 1))
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 
-from theia_ros.nodes.environment import use_package_fastdds_profile  # noqa: E402
+from theia_ros.nodes.environment import use_package_fastdds_profile  # noqa: E402 (after the sys.path and environment set-up above)
 
 use_package_fastdds_profile()
 
-from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
-from ros_helpers import NodeProcess, RosTestClient, wait_until  # noqa: E402
-from theia_ros.nodes.graph import dump_params  # noqa: E402
-from theia_ros.msg import Features  # noqa: E402
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402 (after the sys.path and environment set-up above)
+
+from theia_ros.msg import Features  # noqa: E402 (after the sys.path and environment set-up above)
+from theia_ros.nodes.graph import dump_params  # noqa: E402 (after the sys.path and environment set-up above)
+
+from ros_helpers import NodeProcess, RosTestClient, wait_until  # noqa: E402 (after the sys.path and environment set-up above)
 
 
 def rss_mb(pid):
@@ -131,7 +133,8 @@ def main():
             verdicts.append(("2 cams @ 10 Hz: sustained (out rate >= 95% of 10 Hz each)", rate_ok,
                              ", ".join(f"{r['frames_out_hz']:.1f} Hz" for r in rows)))
             verdicts.append(("2 cams @ 10 Hz: no growing backlog (drops <= 1%, e2e p50 last third / first third "
-                             "<= 1.2)", dropped <= 0.01 and drift <= 1.2, f"drops {dropped * 100:.1f}%, drift x{drift:.2f}"))
+                             "<= 1.2)", dropped <= 0.01 and drift <= 1.2,
+                             f"drops {dropped * 100:.1f}%, drift x{drift:.2f}"))
             verdicts.append(("2 cams @ 10 Hz: RSS at end within 5% of RSS at 1/3", abs(growth) <= 0.05,
                              f"{early:.0f} -> {end:.0f} MB ({growth * 100:+.1f}%)"))
     print("\n| budget | measured | verdict |\n|---|---|---|")

@@ -4,11 +4,11 @@
 """
 import os
 
+from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import LifecycleNode
-from ament_index_python.packages import get_package_share_directory
 
 OVERRIDES = ("model", "backend", "precision", "device", "representation")
 

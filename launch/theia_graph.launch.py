@@ -9,11 +9,11 @@ not installed.
 """
 import os
 
+from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import LifecycleNode, Node
-from ament_index_python.packages import get_package_share_directory
 
 ENCODER_OVERRIDES = ("model", "backend", "precision", "device")
 POLICY_OVERRIDES = ("policy", "policy_checkpoint")

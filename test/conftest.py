@@ -13,12 +13,11 @@ os.environ["PYTHONUNBUFFERED"] = "1"
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from theia_ros.nodes.environment import use_package_fastdds_profile  # noqa: E402
+from theia_ros.nodes.environment import use_package_fastdds_profile  # noqa: E402 (the test run's ROS environment is set first)
 
 use_package_fastdds_profile()
 
-import pytest  # noqa: E402
-
+import pytest  # noqa: E402 (the test run's ROS environment is set first)
 
 
 @pytest.fixture(scope="session")

@@ -130,3 +130,28 @@ def test_the_checks_see_what_they_check():
     imports = _imports("theia_ros.nodes.theia_encoder", modules["theia_ros.nodes.theia_encoder"], set(modules))
     assert any(i == "rclpy.lifecycle" for i, _, _ in imports)
     assert any(i == "theia_ros.encoder.pipeline" for i, _, _ in imports)
+
+
+def test_the_command_line_needs_no_ros_until_a_ros_verb_runs():
+    """`theia-ros` serves machines without ROS (a training server encoding bags): building the parser and
+    the plain-Python verbs import no rclpy and no ROS messages."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "for name in ('rclpy', 'rcl_interfaces', 'std_msgs', 'sensor_msgs', 'diagnostic_msgs', 'theia_ros.msg'):\n"
+        "    sys.modules[name] = None  # any import of them now fails\n"
+        "from theia_ros.cli.main import build_parser, main\n"
+        "parser = build_parser()\n"
+        "verbs = sorted(parser._subparsers._group_actions[0].choices)\n"
+        "print(' '.join(verbs))\n"
+        "import theia_ros.bags.encode, theia_ros.bags.inspect, theia_ros.bags.train_policy\n"
+        "import theia_ros.encoder.pipeline\n"
+        "sys.exit(main(['info', 'random:theia-tiny-patch16-224-cddsv']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    verbs = set(result.stdout.splitlines()[0].split())
+    assert {"encode-bag", "inspect", "train-policy", "info", "bringup", "record", "collect"} <= verbs, verbs
+    assert "theia-tiny-patch16-224-cddsv" in result.stdout

@@ -8,8 +8,16 @@ import torch
 from rclpy.serialization import deserialize_message, serialize_message
 from std_msgs.msg import Header
 
-from theia_ros.features import (DTYPE_BFLOAT16, DTYPE_FLOAT16, DTYPE_FLOAT32, FeaturesFormatError,
-                                decode_array, features_to_numpy, features_to_torch, to_features_msg)
+from theia_ros.features import (
+    DTYPE_BFLOAT16,
+    DTYPE_FLOAT16,
+    DTYPE_FLOAT32,
+    FeaturesFormatError,
+    decode_array,
+    features_to_numpy,
+    features_to_torch,
+    to_features_msg,
+)
 from theia_ros.msg import Features, MultiCameraFeatures
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from std_msgs.msg import String
 
-from ros_helpers import NodeProcess, wait_until
 from theia_ros.features import features_to_numpy, to_features_msg
 from theia_ros.msg import Features
+
+from ros_helpers import NodeProcess, wait_until
 
 pytestmark = pytest.mark.ros
 RELAY = str(Path(__file__).with_name("features_relay_node.py"))

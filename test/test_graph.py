@@ -1,4 +1,6 @@
 """The whole graph: synthetic camera -> encoder -> policy, in separate processes."""
+import json
+import re
 import subprocess
 import sys
 import time
@@ -8,25 +10,28 @@ import pytest
 import yaml
 from std_msgs.msg import Float64MultiArray
 
-from ros_helpers import NodeProcess, wait_until
 from theia_ros.nodes.environment import child_environment
+
+from ros_helpers import NodeProcess, wait_until
 
 pytestmark = pytest.mark.ros
 
 
-def test_bringup_demo_runs_the_graph_and_prints_a_summary():
-    result = subprocess.run([sys.executable, "-m", "theia_ros.cli", "bringup", "--demo", "--duration", "30"],
-                            capture_output=True, text=True, timeout=120, env=child_environment())
+def test_bringup_demo_runs_the_graph_and_prints_a_summary(tmp_path):
+    summary_json = tmp_path / "summary.json"
+    result = subprocess.run([sys.executable, "-m", "theia_ros.cli", "bringup", "--demo", "--duration", "30",
+                             "--summary-json", summary_json], capture_output=True, text=True, timeout=120,
+                            env=child_environment())
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
-    assert "RANDOM WEIGHTS" in out
-    summary = out[out.index("bring-up summary"):]
-    lines = {line.split("  ")[1].strip(): line.split("  ")[-1].strip()
-             for line in summary.splitlines()[1:] if line.startswith("  ")}
-    assert int(lines["features received"]) > 20, summary
-    assert int(lines["commands received"]) > 10, summary
-    frames_in, encoded, _, bad = lines["theia_encoder: camera camera: frames in / encoded / dropped / bad"].split(" / ")
-    assert int(encoded) > 20 and int(bad) == 0, summary
+    assert "RANDOM WEIGHTS" in out and "bring-up summary [encoder with RANDOM WEIGHTS]" in out, out
+    summary = json.loads(summary_json.read_text())
+    assert summary["random_weights"] is True
+    assert summary["features_received"] > 20, summary
+    assert summary["commands_received"] > 10, summary
+    camera = summary["diagnostics"]["theia_encoder: camera camera"]
+    assert int(camera["frames_out"]) > 20 and int(camera["rejected_bad_input"]) == 0, camera
+    assert re.search(rf"features received\s+{summary['features_received']}\n", out), out  # the printed summary agrees
 
 
 def test_watchdog_stops_commands_when_the_encoder_dies_and_resumes(ros_client, tmp_path):
@@ -67,16 +72,20 @@ def test_watchdog_stops_commands_when_the_encoder_dies_and_resumes(ros_client, t
     ros_client.node.destroy_subscription(sub)
 
 
-def test_main_job_closes_the_loop_in_the_simulator():
+def test_main_job_closes_the_loop_in_the_simulator(tmp_path):
     """`make demo`'s graph: sim -> encoder -> the shipped trained policy -> sim, with successes."""
     pytest.importorskip("mujoco")
+    summary_json = tmp_path / "summary.json"
     result = subprocess.run([sys.executable, "-m", "theia_ros.cli", "bringup", "config/sim_demo.yaml",
-                             "--duration", "30"], capture_output=True, text=True, timeout=150,
-                            env=child_environment(MUJOCO_GL="egl"), cwd=str(Path(__file__).resolve().parents[1]))
+                             "--duration", "30", "--summary-json", summary_json], capture_output=True, text=True,
+                            timeout=150, env=child_environment(MUJOCO_GL="egl"),
+                            cwd=str(Path(__file__).resolve().parents[1]))
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-5000:]
-    summary = out[out.index("bring-up summary"):]
-    line = next(line for line in summary.splitlines() if "success rate" in line)
-    ended, succeeded, _ = line.split("  ")[-1].strip().split(" / ")
-    assert int(ended) >= 3 and int(succeeded) >= int(ended) - 1, summary  # new seeds, trained policy
-    assert "rejected / clamped" in summary and "front 1" in summary, summary
+    summary = json.loads(summary_json.read_text())
+    episodes = summary["episodes"]
+    assert episodes["ended"] >= 3 and episodes["succeeded"] >= episodes["ended"] - 1, summary  # trained policy
+    sim = summary["diagnostics"]["theia_sim: simulation"]
+    assert float(sim["front_hz"]) > 10 and int(sim["front_frames"]) > 0, sim
+    policy = next(v for k, v in summary["diagnostics"].items() if k.endswith(": policy"))
+    assert int(policy["commands"]) > 0 and int(policy["rejected_actions"]) == 0, policy

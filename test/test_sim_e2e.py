@@ -19,7 +19,7 @@ import pytest
 os.environ.setdefault("MUJOCO_GL", "egl")
 pytest.importorskip("mujoco")
 
-from theia_ros.nodes.environment import child_environment  # noqa: E402
+from theia_ros.nodes.environment import child_environment  # noqa: E402 (mujoco must load after MUJOCO_GL is set above)
 
 MODEL = "random:theia-tiny-patch16-224-cddsv"
 SIZE = 224
@@ -42,8 +42,8 @@ class Evaluator:
         from rclpy.executors import SingleThreadedExecutor
         from rclpy.parameter import Parameter
 
-        from theia_ros.nodes.graph import Graph
         from theia_ros.nodes.collect import SimClient, sim_params
+        from theia_ros.nodes.graph import Graph
         from theia_ros.sim import Simulation
 
         core = Simulation()
@@ -151,12 +151,13 @@ def run_pipeline(tmp, *, train_episodes, eval_seeds, hold_seeds, expert_seeds, m
     features = tmp / "features"
     features.mkdir()
     # the first through the command line, the rest through the Python API with one loaded encoder
+    # the same engine as the Python API below (torch), so that all episodes' features agree exactly
     _cli("encode-bag", bags[0], features / bags[0].name, "--model", MODEL, "--seed", 0, "--threads", 1,
-         "--no-progress", "--cameras", "/front/image_raw")
+         "--backend", "torch", "--device", "cpu", "--no-progress", "--cameras", "/front/image_raw")
+    import torch
+
     from theia_ros.bags.encode import encode_bag
     from theia_ros.encoder.pipeline import FeatureEncoder
-
-    import torch
 
     torch.set_num_threads(1)
     encoder = FeatureEncoder.load(MODEL, seed=0, representation="tokens")

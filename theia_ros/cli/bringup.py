@@ -6,6 +6,7 @@ node section of the YAML (`synthetic_camera`, `theia_encoder`, `theia_policy`) a
 with `--ros-args --params-file`, watches /diagnostics, prints live rates and latencies, and stops
 everything cleanly after `--duration` seconds or on Ctrl-C, ending with a summary.
 """
+import json
 import signal
 import sys
 import time
@@ -13,25 +14,36 @@ from pathlib import Path
 
 import yaml
 
-from theia_ros.nodes.graph import Graph, apply_overrides
-from theia_ros.nodes.monitor import Monitor
 from theia_ros.resources import package_file
 
 
-def summary(monitor, elapsed):
-    rows = [("run time", f"{elapsed:.1f} s"), ("features received", monitor.features),
-            ("commands received", monitor.commands)]
+def summary_data(monitor, elapsed) -> dict:
+    """What the run measured, as data (`--summary-json`); summary() prints it."""
     p = monitor.e2e.percentiles_ms()
-    clock = " (sim time, /clock at 100 Hz)" if monitor.sim_time else ""
-    rows.append((f"camera stamp -> features received{clock}", f"p50 {p[50]:.1f} ms, p99 {p[99]:.1f} ms"))
+    data = {"run_seconds": round(elapsed, 1), "features_received": monitor.features,
+            "commands_received": monitor.commands, "sim_time": monitor.sim_time,
+            "camera_to_features_ms": {"p50": round(p[50], 1), "p99": round(p[99], 1)},
+            "episodes": None, "diagnostics": dict(sorted(monitor.status.items()))}
     if monitor.episodes:
         # the last episode is cut short by the end of the run unless it already succeeded
         ended = sorted(monitor.episodes)[:-1] + [e for e in sorted(monitor.episodes)[-1:] if monitor.episodes[e]]
-        wins = sum(monitor.episodes[e] for e in ended)
-        rate = f"{wins / len(ended):.0%}" if ended else "n/a"
-        rows.append(("simulator episodes ended / succeeded / success rate", f"{len(ended)} / {wins} / {rate}"))
-    random = False
-    for name, values in sorted(monitor.status.items()):
+        data["episodes"] = {"ended": len(ended), "succeeded": sum(monitor.episodes[e] for e in ended)}
+    data["random_weights"] = any(values.get("random_weights") == "True" for name, values in data["diagnostics"].items()
+                                 if name.endswith(": encoder"))
+    return data
+
+
+def summary(data) -> str:
+    p = data["camera_to_features_ms"]
+    clock = " (sim time, /clock at 100 Hz)" if data["sim_time"] else ""
+    rows = [("run time", f"{data['run_seconds']:.1f} s"), ("features received", data["features_received"]),
+            ("commands received", data["commands_received"]),
+            (f"camera stamp -> features received{clock}", f"p50 {p['p50']:.1f} ms, p99 {p['p99']:.1f} ms")]
+    if data["episodes"]:
+        ended, wins = data["episodes"]["ended"], data["episodes"]["succeeded"]
+        rate = f"{wins / ended:.0%}" if ended else "n/a"
+        rows.append(("simulator episodes ended / succeeded / success rate", f"{ended} / {wins} / {rate}"))
+    for name, values in data["diagnostics"].items():
         if name.startswith("theia_sim"):
             rates = ", ".join(f"{k[:-3]} {v} Hz" for k, v in values.items() if k.endswith("_hz"))
             rejected = sum(int(v) for k, v in values.items() if k.startswith("rejected_") and v.isdigit())
@@ -42,20 +54,21 @@ def summary(monitor, elapsed):
                 values.get(k, "?") for k in ("frames_in", "frames_out", "dropped_superseded", "rejected_bad_input"))))
             rows.append((f"{name}: inference / node overhead p50", f"{values.get('inference_ms_p50')} ms / "
                          f"{values.get('node_overhead_ms_p50')} ms"))
-        if name.endswith(": encoder"):
-            random = random or values.get("random_weights") == "True"
         if name.endswith(": policy"):
             rows.append((f"{name}: commands / rejected / clamped", " / ".join(
                 values.get(k, "?") for k in ("commands", "rejected_actions", "clamped_position"))))
             rows.append((f"{name}: act p50", f"{values.get('act_ms_p50')} ms"))
     width = max(len(r[0]) for r in rows)
-    lines = ["", "theia_ros bring-up summary" + (" [encoder with RANDOM WEIGHTS]" if random else "")]
+    lines = ["", "theia_ros bring-up summary" + (" [encoder with RANDOM WEIGHTS]" if data["random_weights"] else "")]
     lines += [f"  {k.ljust(width)}  {v}" for k, v in rows]
     return "\n".join(lines)
 
 
 def run(args):
+    # ROS is imported when the verb runs, not when the parser is built: `theia-ros` also serves machines without ROS
     from theia_ros.nodes.environment import use_package_fastdds_profile
+    from theia_ros.nodes.graph import Graph, apply_overrides
+    from theia_ros.nodes.monitor import Monitor
 
     use_package_fastdds_profile()
     path = Path(args.params) if args.params else (package_file("config/demo.yaml") if args.demo else None)
@@ -92,8 +105,11 @@ def run(args):
     elapsed = time.monotonic() - start
     codes = graph.stop()
     monitor.spin_for(0.2)
-    print(summary(monitor, elapsed), flush=True)
+    data = summary_data(monitor, elapsed)
     monitor.close()
+    print(summary(data), flush=True)
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(data, indent=2))
     bad = {k: v for k, v in codes.items() if v not in (0, -signal.SIGINT)}
     if failed or bad:
         print(f"[bringup] exit codes: {codes}", file=sys.stderr)
@@ -109,4 +125,6 @@ def add_parser(subparsers):
     p.add_argument("--model", help="checkpoint directory or hub id for the encoder (overrides the YAML)")
     p.add_argument("--set", action="append", metavar="NODE.PARAM=VALUE", help="override a parameter")
     p.add_argument("--duration", type=float, default=0.0, help="seconds to run; 0: until Ctrl-C")
+    p.add_argument("--summary-json", metavar="PATH", help="also write the summary (and the last diagnostics of every "
+                   "node) to PATH as JSON")
     p.set_defaults(func=run)

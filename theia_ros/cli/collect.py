@@ -1,11 +1,31 @@
-"""`theia-ros collect`: record expert demonstrations in the simulator, one rosbag2 bag per episode
-(see theia_ros.nodes.collect)."""
+"""`theia-ros collect`: record expert demonstrations in the simulator, one rosbag2 bag per episode.
+
+It starts the simulator node (theia_sim, its own process), then in this process a scripted expert
+node and a recorder, which talk to the simulator only through its topics and services:
+
+  theia_sim --/sim/episode (privileged object position)--> expert --/commands--> theia_sim
+  theia_sim --<camera>/image_raw, joint_states--> recorder <--/commands--  (the bag of the episode)
+
+For each episode: the simulator's `seed` parameter is set and `~/reset` called; the expert solves
+IK for the point above the cube (from the privileged status) and commands that joint target (the
+simulator follows it at its joint speed limit); the recorder writes the camera images, joint
+states, commands and the episode status with their receive times (simulation time) into
+OUT/episode_NNN_seed_S. Messages stamped before the reset are not recorded. OUT/summary.json lists
+the episodes (seed, success, time to success, message counts).
+
+Next: `theia-ros encode-bag` each bag, `theia-ros train-policy` on the features bags with
+`--action-topic /commands --action-joints panda_joint1 ... panda_joint7` (see docs/sim.md).
+
+"""
 import sys
 from pathlib import Path
 
-from theia_ros.nodes.collect import collect
+from theia_ros.bags.io import DEFAULT_STORAGE, STORAGES
+
 
 def _run(args):
+    from theia_ros.nodes.collect import collect  # ROS only when the verb runs
+
     try:
         summary = collect(args.output, args.episodes, seed=args.seed, duration=args.duration, cameras=args.cameras,
                           width=args.width, height=args.height, camera_rate=args.camera_rate,
@@ -38,7 +58,8 @@ def add_parser(subparsers):
     p.add_argument("--real-time-factor", type=float, default=1.0,
                    help="simulation speed; >1 records faster than real time, 0 as fast as possible (default 1)")
     p.add_argument("--expert-rate", type=float, default=20.0, help="expert command rate, Hz (default 20)")
-    p.add_argument("--storage", default="mcap", choices=("mcap", "sqlite3"))
+    p.add_argument("--storage", default=DEFAULT_STORAGE, choices=STORAGES,
+                   help=f"bag storage (default {DEFAULT_STORAGE})")
     p.add_argument("--set", action="append", metavar="theia_sim.PARAM=VALUE", help="simulator parameter")
     p.add_argument("--no-sim", action="store_true", help="use an already running theia_sim")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT, replacing episode bags")

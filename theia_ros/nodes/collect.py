@@ -1,30 +1,33 @@
-"""`theia-ros collect`: record expert demonstrations in the simulator, one rosbag2 bag per episode.
-
-It starts the simulator node (theia_sim, its own process), then in this process a scripted expert
-node and a recorder, which talk to the simulator only through its topics and services:
-
-  theia_sim --/sim/episode (privileged object position)--> expert --/commands--> theia_sim
-  theia_sim --<camera>/image_raw, joint_states--> recorder <--/commands--  (the bag of the episode)
-
-For each episode: the simulator's `seed` parameter is set and `~/reset` called; the expert solves
-IK for the point above the cube (from the privileged status) and commands that joint target (the
-simulator follows it at its joint speed limit); the recorder writes the camera images, joint
-states, commands and the episode status with their receive times (simulation time) into
-OUT/episode_NNN_seed_S. Messages stamped before the reset are not recorded. OUT/summary.json lists
-the episodes (seed, success, time to success, message counts).
-
-Next: `theia-ros encode-bag` each bag, `theia-ros train-policy` on the features bags with
-`--action-topic /commands --action-joints panda_joint1 ... panda_joint7` (see docs/sim.md).
-
-This module also holds the pieces the tests and benchmarks use: SimClient (reset with a seed, wait
-for an episode to end), ExpertNode, EpisodeRecorder.
-"""
+"""The nodes behind `theia-ros collect` (see theia_ros.cli.collect): SimClient (episode status, reset
+with a seed, wait for an episode to end), ExpertNode (the scripted expert as a ROS node),
+EpisodeRecorder (raw subscriptions into one bag per episode) and collect(), which runs them
+against a theia_sim process."""
 import json
 import struct
 import time
 from pathlib import Path
 
+import rclpy
+from rcl_interfaces.msg import Parameter as ParameterMsg
+from rcl_interfaces.msg import ParameterType, ParameterValue
+from rcl_interfaces.srv import SetParameters
+from rclpy.context import Context
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.parameter import Parameter
+from std_msgs.msg import Float64MultiArray, String
+from std_srvs.srv import Trigger
+
+from theia_ros.bags.record import BagRecorder
+from theia_ros.commands import COMMAND_FORMATS
+from theia_ros.nodes.environment import use_package_fastdds_profile
+from theia_ros.nodes.graph import Graph, apply_overrides
+from theia_ros.nodes.qos import qos_profile
+from theia_ros.nodes.runtime import message_class
+from theia_ros.nodes.theia_sim import STATUS_TOPIC
+from theia_ros.sim import ReachExpert, Simulation
+
 ARM_JOINTS = [f"panda_joint{i}" for i in range(1, 8)]
+EXPERT_COMMAND_FORMAT = "float64_multi_array"  # the expert commands like a forward position controller client
 HEADER_TYPES = {"sensor_msgs/msg/Image", "sensor_msgs/msg/CameraInfo", "sensor_msgs/msg/JointState",
                 "sensor_msgs/msg/CompressedImage"}
 
@@ -49,16 +52,12 @@ class SimClient:
     """Talks to a running theia_sim from an rclpy node: latest episode status, reset with a seed."""
 
     def __init__(self, node, executor, sim_node="/theia_sim"):
-        from rcl_interfaces.srv import SetParameters
-        from std_msgs.msg import String
-        from std_srvs.srv import Trigger
 
-        from theia_ros.nodes.theia_sim import LATCHED, STATUS_TOPIC
 
         self.node, self.executor = node, executor
         self.status = None
         self.status_time = None
-        node.create_subscription(String, STATUS_TOPIC, self._on_status, LATCHED)
+        node.create_subscription(String, STATUS_TOPIC, self._on_status, qos_profile("latched"))
         self.reset_client = node.create_client(Trigger, f"{sim_node}/reset")
         self.param_client = node.create_client(SetParameters, f"{sim_node}/set_parameters")
 
@@ -87,10 +86,7 @@ class SimClient:
         return future.result()
 
     def set_seed(self, seed, timeout=10.0):
-        from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
-        from rcl_interfaces.srv import SetParameters
-
-        request = SetParameters.Request(parameters=[Parameter(name="seed", value=ParameterValue(
+        request = SetParameters.Request(parameters=[ParameterMsg(name="seed", value=ParameterValue(
             type=ParameterType.PARAMETER_INTEGER, integer_value=int(seed)))])
         result = self._call(self.param_client, request, timeout).results[0]
         if not result.successful:
@@ -98,8 +94,6 @@ class SimClient:
 
     def reset(self, seed=None, timeout=10.0):
         """Start a new episode (with `seed`, else the simulator's next seed); returns its status."""
-        from std_srvs.srv import Trigger
-
         if seed is not None:
             self.set_seed(seed, timeout)
         response = self._call(self.reset_client, Trigger.Request(), timeout)
@@ -134,12 +128,7 @@ class ExpertNode:
     """Scripted expert as a ROS node: episode status (privileged) in, joint targets out on `commands`."""
 
     def __init__(self, context=None, rate=20.0, topic="commands", node_name="theia_sim_expert"):
-        import rclpy
-        from rclpy.parameter import Parameter
-        from std_msgs.msg import Float64MultiArray, String
 
-        from theia_ros.sim import ReachExpert, Simulation
-        from theia_ros.nodes.theia_sim import LATCHED, STATUS_TOPIC
 
         self.node = rclpy.create_node(node_name, context=context,
                                       parameter_overrides=[Parameter("use_sim_time", value=True)])
@@ -150,7 +139,7 @@ class ExpertNode:
         self.sent = 0
         self._msg_type = Float64MultiArray
         self.pub = self.node.create_publisher(Float64MultiArray, topic, 10)
-        self.node.create_subscription(String, STATUS_TOPIC, self._on_status, LATCHED)
+        self.node.create_subscription(String, STATUS_TOPIC, self._on_status, qos_profile("latched"))
         self.node.create_timer(1.0 / rate, self._tick)
 
     def _on_status(self, msg):
@@ -178,28 +167,21 @@ class EpisodeRecorder:
     header stamped before the episode's start are left out (frames still in flight at a reset)."""
 
     def __init__(self, node, topics, storage="mcap", version=9):
-        from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
-        from theia_ros.nodes.recorder import message_class
 
         self.node = node
         self.topics = dict(topics)
         self.storage, self.version = storage, version
         self.bag = None
         self.start_ns = 0
-        self.accept_after_ns = 0
         self.dropped_stale = 0
         for topic, msgtype in self.topics.items():
             latched = topic.endswith("sim/episode")
-            qos = QoSProfile(depth=1 if latched else 100, history=HistoryPolicy.KEEP_LAST,
-                             reliability=ReliabilityPolicy.RELIABLE,
-                             durability=DurabilityPolicy.TRANSIENT_LOCAL if latched else DurabilityPolicy.VOLATILE)
+            qos = qos_profile("latched") if latched else qos_profile("reliable", depth=100)
             node.create_subscription(message_class(msgtype), topic,
                                      lambda data, t=topic, m=msgtype: self._on_message(t, m, data), qos, raw=True)
 
     def start(self, path, start_sim_time, overwrite=False):
-        from theia_ros.bags.record import BagRecorder
-
         self.bag = BagRecorder(path, storage=self.storage, version=self.version, overwrite=overwrite)
         for topic, msgtype in self.topics.items():
             self.bag.add_topic(topic, msgtype)
@@ -224,7 +206,8 @@ class EpisodeRecorder:
 
 def default_topics(cameras):
     topics = {f"/{cam}/image_raw": "sensor_msgs/msg/Image" for cam in cameras}
-    topics.update({"/joint_states": "sensor_msgs/msg/JointState", "/commands": "std_msgs/msg/Float64MultiArray",
+    expert = COMMAND_FORMATS[EXPERT_COMMAND_FORMAT]
+    topics.update({"/joint_states": "sensor_msgs/msg/JointState", f"/{expert.topic}": expert.message_type,
                    "/sim/episode": "std_msgs/msg/String"})
     return topics
 
@@ -233,14 +216,6 @@ def collect(out, episodes, *, seed=0, duration=4.0, cameras=("front",), width=22
             real_time_factor=1.0, storage="mcap", overrides=(), expert_rate=20.0, overwrite=False,
             start_sim=True, printer=print):
     """Record `episodes` expert episodes (seeds seed, seed+1, ...) into OUT; returns the summary."""
-    import rclpy
-    from rclpy.context import Context
-    from rclpy.executors import SingleThreadedExecutor
-    from rclpy.parameter import Parameter
-
-    from theia_ros.nodes.graph import Graph, apply_overrides
-    from theia_ros.nodes.environment import use_package_fastdds_profile
-
     use_package_fastdds_profile()
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -286,7 +261,8 @@ def collect(out, episodes, *, seed=0, duration=4.0, cameras=("front",), width=22
             counts = recorder.stop()
             entry = {"episode": i, "seed": s, "bag": str(path), "success": final["success"],
                      "success_time": final["success_time"], "final_distance": final["distance"],
-                     "object_position": status["privileged"]["object_position"], "messages": counts}
+                     "object_position": status["privileged"]["object_position"], "messages": counts,
+                     "dropped_before_reset": recorder.dropped_stale}
             summary["episodes"].append(entry)
             frames = ", ".join(f"{counts.get(f'/{c}/image_raw', 0)} {c} frames" for c in cameras)
             printer(f"episode {i} (seed {s}): {'success' if final['success'] else 'FAILED'}"

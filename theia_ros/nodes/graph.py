@@ -8,6 +8,9 @@ import tempfile
 
 import yaml
 
+from theia_ros.nodes.environment import child_environment
+
+# the executable of each node section: one module per node, named after its executable
 NODE_MODULES = {
     "synthetic_camera": "theia_ros.nodes.synthetic_camera",
     "theia_encoder": "theia_ros.nodes.theia_encoder",
@@ -48,8 +51,6 @@ class Graph:
         self.file = tempfile.NamedTemporaryFile("w", prefix="theia_ros_bringup_", suffix=".yaml", delete=False)
         dump_params(params, self.file)
         self.file.close()
-        from theia_ros.nodes.environment import child_environment
-
         self.env = child_environment(**(extra_env or {}))
         self.procs = {}
 

@@ -1,25 +1,28 @@
 """The bring-up's in-process observer: diagnostics, end-to-end feature latency, command counts."""
+import json
 import time
+
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray
+from rclpy.context import Context
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.parameter import Parameter
+from std_msgs.msg import String
+
+from theia_ros.msg import Features
+from theia_ros.nodes.qos import qos_profile
+from theia_ros.nodes.stats import LatencyWindow, RateMeter
+from theia_ros.stamps import stamp_seconds
+
 
 class Monitor:
     """In-process observer: diagnostics, end-to-end feature latency, command counts."""
 
     def __init__(self, params):
-        import rclpy
-        from diagnostic_msgs.msg import DiagnosticArray
-        from rclpy.context import Context
-        from rclpy.executors import SingleThreadedExecutor
-        from rclpy.qos import QoSProfile, ReliabilityPolicy
-
-        from theia_ros.msg import Features
-        from theia_ros.nodes.stats import LatencyWindow, RateMeter
-
         self.context = Context()
         rclpy.init(context=self.context)
         # with a simulator, stamps are simulation time: measure latency on the same (/clock) clock
         self.sim_time = "theia_sim" in params
-        from rclpy.parameter import Parameter
-
         self.node = rclpy.create_node("theia_bringup_monitor", context=self.context,
                                       parameter_overrides=[Parameter("use_sim_time", value=self.sim_time)])
         self.executor = SingleThreadedExecutor(context=self.context)
@@ -30,30 +33,27 @@ class Monitor:
         self.features = 0
         self.commands = 0
         self.command_rate = RateMeter()
-        qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+        qos = qos_profile("reliable", depth=10)
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, 10)
         cameras = params.get("theia_encoder", {}).get("ros__parameters", {}).get("cameras", ["camera"])
         for cam in cameras:
             self.node.create_subscription(Features, f"{cam}/features", self._on_features, qos)
         self.episodes = {}  # simulator episode -> succeeded
         if "theia_sim" in params:
-            from std_msgs.msg import String
-
             self.node.create_subscription(String, "sim/episode", self._on_episode, qos)
         policy = params.get("theia_policy", {}).get("ros__parameters", {})
         if policy:
-            from theia_ros.nodes.theia_policy import COMMAND_FORMATS
+            from theia_ros.commands import COMMAND_FORMATS
+            from theia_ros.nodes.runtime import message_class
 
-            msg_type, topic = COMMAND_FORMATS[policy.get("command_format", "float64_multi_array")]
-            self.node.create_subscription(msg_type, topic, self._on_command, qos)
+            command = COMMAND_FORMATS[policy.get("command_format", "float64_multi_array")]
+            self.node.create_subscription(message_class(command.message_type), command.topic, self._on_command, qos)
 
     def _on_diag(self, msg):
         for s in msg.status:
             self.status[s.name] = {kv.key: kv.value for kv in s.values} | {"_message": s.message}
 
     def _on_episode(self, msg):
-        import json
-
         try:
             status = json.loads(msg.data)
             episode = status["episode"]
@@ -65,7 +65,7 @@ class Monitor:
         self.features += 1
         self.features_rate.tick()
         now = self.node.get_clock().now().nanoseconds * 1e-9 if self.sim_time else time.time()
-        self.e2e.add(now - (msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9))
+        self.e2e.add(now - stamp_seconds(msg.header.stamp))
 
     def _on_command(self, msg):
         self.commands += 1
@@ -85,8 +85,6 @@ class Monitor:
                 f"{self.command_rate.rate():4.1f} Hz, act p50 {pol.get('act_ms_p50', '-')} ms")
 
     def close(self):
-        import rclpy
-
         self.executor.shutdown()
         self.node.destroy_node()
         rclpy.shutdown(context=self.context)

@@ -24,11 +24,12 @@ class Param:
     int_range: tuple | None = None
     float_range: tuple | None = None
     read_only: bool = True
+    attr: str | None = None  # attribute name when the parameter's own name does not fit (per-camera names)
 
     @property
     def attribute(self) -> str:
         """Attribute name in the namespace read_parameters returns ('tensorrt.fp32_acc' -> 'tensorrt_fp32_acc')."""
-        return self.name.replace(".", "_")
+        return self.attr or self.name.replace(".", "_")
 
     def descriptor(self) -> ParameterDescriptor:
         text = self.description + (f" One of: {', '.join(map(str, self.choices))}." if self.choices else "")
@@ -64,3 +65,20 @@ def read_parameters(node, params: Sequence[Param], into: SimpleNamespace | None 
 def defaults(params: Sequence[Param]) -> dict:
     """name -> default (what config/*.yaml and the README state)."""
     return {p.name: p.default for p in params}
+
+
+def markdown_table(params: Sequence[Param]) -> str:
+    """The README's table of a node's parameters (name, default, description), rows in declaration order."""
+    rows = ["| parameter | default | description |", "|---|---|---|"]
+    for p in params:
+        default = f"`{yaml_value(p.default)}`"
+        text = p.description + (f" One of: {', '.join(map(str, p.choices))}." if p.choices else "")
+        rows.append(f"| `{p.name}` | {default} | {text.replace('|', '/')} |")
+    return "\n".join(rows)
+
+
+def yaml_value(value) -> str:
+    """A default as a ROS parameters YAML writes it (what users copy into their files)."""
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("\n...").strip()

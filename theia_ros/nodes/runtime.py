@@ -1,20 +1,17 @@
-"""What every theia_ros node executable shares: parameter declaration and the main() lifecycle."""
+"""What every theia_ros node executable shares: the main() lifecycle, logging into ROS, message classes by name."""
 import faulthandler
+import importlib
 import logging
 import sys
 
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 
-
-def declare(node, name, default, description, *, int_range=None, float_range=None, read_only=True):
-    """Declare a parameter with its description and, where given, its range."""
-    descriptor = ParameterDescriptor(description=description, read_only=read_only)
-    if int_range:
-        descriptor.integer_range = [IntegerRange(from_value=int(int_range[0]), to_value=int(int_range[1]), step=1)]
-    if float_range:
-        descriptor.floating_point_range = [FloatingPointRange(from_value=float(float_range[0]),
-                                                              to_value=float(float_range[1]), step=0.0)]
-    return node.declare_parameter(name, default, descriptor)
+def message_class(msgtype: str):
+    """The rosidl Python class of a message type name 'pkg/msg/Type' (the names commands.py and bags use)."""
+    pkg, _, name = msgtype.partition("/msg/")
+    try:
+        return getattr(importlib.import_module(f"{pkg}.msg"), name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ValueError(f"cannot import the message class of {msgtype}: {exc}") from exc
 
 
 class RosLogHandler(logging.Handler):
@@ -34,7 +31,7 @@ class RosLogHandler(logging.Handler):
                 self.ros_logger.warning(text)
             else:
                 self.ros_logger.info(text)
-        except Exception:  # noqa: BLE001  (logging must never take the node down)
+        except Exception:  # broad on purpose: logging must never take the node down
             self.handleError(record)
 
 

@@ -55,15 +55,14 @@ class SequenceGapCounter:
 
     def __init__(self):
         self.last = None
-        self.lost = 0
 
     def observe(self, sequence):
+        """Frames missing between the previous sequence number and this one (0 for None or a restart)."""
         if sequence is None:
             return 0
         gap = 0
         if self.last is not None and sequence > self.last + 1:
             gap = sequence - self.last - 1
-            self.lost += gap
         self.last = sequence  # a smaller number means a restarted publisher: start again from it
         return gap
 

@@ -9,12 +9,22 @@ import sys
 
 import cv2
 import numpy as np
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.node import Node
-from rclpy.qos import QoSProfile, ReliabilityPolicy, HistoryPolicy
 from sensor_msgs.msg import CompressedImage, Image
 
+from theia_ros.nodes.parameters import Param, declare_parameters, read_parameters
+from theia_ros.nodes.qos import qos_profile
 from theia_ros.nodes.runtime import run_node
+
+SYNTHETIC_CAMERA_PARAMETERS = (
+    Param("cameras", ["camera"], "Camera names; each publishes <name>/image_raw (or <name>/image_raw/compressed)."),
+    Param("rate", 15.0, "Frames per second per camera.", float_range=(0.1, 1000.0)),
+    Param("width", 640, "Image width.", int_range=(1, 8192)),
+    Param("height", 480, "Image height.", int_range=(1, 8192)),
+    Param("image_transport", "raw", "raw (rgb8) or compressed (jpeg).", choices=("raw", "compressed")),
+    Param("cycle", 30, "Distinct frames before repeating.", int_range=(1, 10000)),
+    Param("reliable", False, "Reliable QoS (default best effort)."),
+)
 
 
 def render_frames(width, height, count, seed=0):
@@ -38,34 +48,24 @@ def render_frames(width, height, count, seed=0):
 class SyntheticCamera(Node):
     def __init__(self, **kwargs):
         super().__init__("synthetic_camera", **kwargs)
-        self.declare_parameter("cameras", ["camera"], ParameterDescriptor(description="Camera names."))
-        self.declare_parameter("rate", 15.0, ParameterDescriptor(
-            description="Frames per second per camera.",
-            floating_point_range=[FloatingPointRange(from_value=0.1, to_value=1000.0, step=0.0)]))
-        self.declare_parameter("width", 640, ParameterDescriptor(
-            description="Image width.", integer_range=[IntegerRange(from_value=1, to_value=8192, step=1)]))
-        self.declare_parameter("height", 480, ParameterDescriptor(
-            description="Image height.", integer_range=[IntegerRange(from_value=1, to_value=8192, step=1)]))
-        self.declare_parameter("image_transport", "raw", ParameterDescriptor(description="raw or compressed (jpeg)."))
-        self.declare_parameter("cycle", 30, ParameterDescriptor(description="Distinct frames before repeating."))
-        self.declare_parameter("reliable", False, ParameterDescriptor(description="Reliable QoS (default best effort)."))
-        p = lambda name: self.get_parameter(name).value  # noqa: E731
-        self.compressed = p("image_transport") == "compressed"
-        qos = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST,
-                         reliability=ReliabilityPolicy.RELIABLE if p("reliable") else ReliabilityPolicy.BEST_EFFORT)
-        frames = render_frames(p("width"), p("height"), p("cycle"))
+        declare_parameters(self, SYNTHETIC_CAMERA_PARAMETERS)
+        p = read_parameters(self, SYNTHETIC_CAMERA_PARAMETERS)
+        self.compressed = p.image_transport == "compressed"
+        qos = qos_profile("reliable" if p.reliable else "sensor_data", depth=1)
+        frames = render_frames(p.width, p.height, p.cycle)
         if self.compressed:
             self.payloads = [array.array("B", cv2.imencode(".jpg", f[..., ::-1])[1].tobytes()) for f in frames]
         else:
             self.payloads = [array.array("B", f.tobytes()) for f in frames]
-        self.width, self.height = p("width"), p("height")
+        self.width, self.height = p.width, p.height
         self.publishers_ = []
-        for i, name in enumerate(p("cameras")):
+        for i, name in enumerate(p.cameras):
             topic = f"{name}/image_raw" + ("/compressed" if self.compressed else "")
-            self.publishers_.append((name, self.create_publisher(CompressedImage if self.compressed else Image, topic, qos), i))
+            msg_type = CompressedImage if self.compressed else Image
+            self.publishers_.append((name, self.create_publisher(msg_type, topic, qos), i))
         self.count = 0
-        self.timer = self.create_timer(1.0 / p("rate"), self._tick)
-        self.get_logger().info(f"publishing {len(self.publishers_)} synthetic camera(s) at {p('rate')} Hz, "
+        self.timer = self.create_timer(1.0 / p.rate, self._tick)
+        self.get_logger().info(f"publishing {len(self.publishers_)} synthetic camera(s) at {p.rate} Hz, "
                                f"{self.width}x{self.height} {'jpeg' if self.compressed else 'rgb8'}")
 
     def _tick(self):

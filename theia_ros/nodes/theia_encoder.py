@@ -14,25 +14,84 @@ import sys
 import time
 
 import numpy as np
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
-from rclpy.qos import QoSProfile, ReliabilityPolicy, HistoryPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 
+from theia_ros.encoder.config import BACKEND_CHOICES, ENCODER_DEFAULTS, OUTPUT_DTYPE_CHOICES, PRECISION_CHOICES
 from theia_ros.encoder.pipeline import FeatureEncoder
-from theia_ros.nodes.feature_image import tokens_to_rgb
 from theia_ros.features import to_features_msg
-from theia_ros.stamps import stamp_seconds
+from theia_ros.images import ImageDecodeError, message_to_rgb
 from theia_ros.msg import Features, MultiCameraFeatures
-from theia_ros.preprocess import PreprocessConfig
-from theia_ros.images import SUPPORTED_ENCODINGS, ImageDecodeError, decode_compressed, image_to_rgb
-from theia_ros.nodes.runtime import declare, forward_python_logging, run_node
+from theia_ros.nodes.diagnostics import diagnostic_array, diagnostic_status
+from theia_ros.nodes.feature_image import tokens_to_rgb
+from theia_ros.nodes.parameters import Param, declare_parameters, read_parameters
+from theia_ros.nodes.qos import qos_profile
+from theia_ros.nodes.runtime import forward_python_logging, run_node
 from theia_ros.nodes.stats import LogThrottle, SequenceGapCounter, StageStats
 from theia_ros.nodes.sync import FrameSynchronizer
+from theia_ros.preprocess import PreprocessConfig
+from theia_ros.representations import REPRESENTATIONS
+from theia_ros.stamps import stamp_seconds
 
 CAMERA_STAGES = ("decode", "preprocess", "inference", "publish", "node_overhead", "age_at_publish")
 CAMERA_COUNTERS = ("frames_in", "frames_out", "dropped_superseded", "dropped_lost", "dropped_unmatched",
                    "rejected_bad_input", "errors")
+
+ENCODER_PARAMETERS = (
+    Param("model", ENCODER_DEFAULTS["model"],
+          "Checkpoint: a directory with config.json + model.safetensors, a Hugging Face hub id, or "
+          "'random:<variant>' for random weights (tests and demos only; every message says so)."),
+    Param("seed", ENCODER_DEFAULTS["seed"], "Seed of random weights (model 'random:...').", int_range=(0, 2**31 - 1)),
+    Param("backend", ENCODER_DEFAULTS["backend"],
+          "Inference engine; auto: tensorrt where CUDA and torch-tensorrt exist, else torch on CUDA, else the "
+          "fastest accurate CPU engine (onnxruntime, built once and cached).", choices=BACKEND_CHOICES),
+    Param("precision", ENCODER_DEFAULTS["precision"], "Inference precision.", choices=PRECISION_CHOICES),
+    Param("device", ENCODER_DEFAULTS["device"], "Device: auto (a CUDA GPU if present, else the CPU), cpu, cuda, "
+          "cuda:1, ..."),
+    Param("max_batch", ENCODER_DEFAULTS["max_batch"], "Largest batch one inference takes.", int_range=(1, 64)),
+    Param("engine_cache_dir", "",
+          "Where built TensorRT engines and ONNX graphs are kept and reused; empty: $THEIA_ROS_CACHE, else "
+          "~/.cache/theia_ros/engines. Use a persistent path: a TensorRT build takes minutes."),
+    Param("tensorrt.fp32_acc", "auto", "TensorRT fp16 only: accumulate matmuls in fp32 (slower). auto: only when "
+          "the fp16 engine fails the accuracy gate.", choices=("auto", "on", "off")),
+    Param("representation", ENCODER_DEFAULTS["representation"],
+          "What to publish: " + ", ".join(f"{name} {shape.split(']')[0]}]" for name, shape in REPRESENTATIONS.items())
+          + ", or teacher:<teacher id> [H*W,C_teacher]."),
+    Param("output_dtype", ENCODER_DEFAULTS["output_dtype"], "dtype on the wire.", choices=OUTPUT_DTYPE_CHOICES),
+    Param("cameras", ["camera"],
+          "Camera names. Camera <name> is read from <name>/image_raw (or <name>/image_raw/compressed) and its "
+          "features go to <name>/features; remap topics as usual."),
+    Param("image_transport", "raw", "Input message type.", choices=("raw", "compressed")),
+    Param("mode", "independent",
+          "independent: encode and publish each camera as it arrives; synchronized: match frames within sync_slop "
+          "and publish them as one MultiCameraFeatures on features/synchronized.",
+          choices=("independent", "synchronized")),
+    Param("sync_slop", 0.02, "Largest stamp difference (s) between frames of one synchronized set.",
+          float_range=(0.0, 10.0)),
+    Param("qos", "sensor_data", "Input QoS: sensor_data (best effort) or reliable; depth 1 either way.",
+          choices=("sensor_data", "reliable")),
+    Param("max_image_pixels", 3840 * 2160, "Frames with more pixels are rejected (logged, counted, dropped) before "
+          "any pixel is decoded.", int_range=(1, 2**31 - 1)),
+    Param("crop", [0, 0, 0, 0], "Crop (x, y, w, h) applied to every camera before resizing; all zeros: none."),
+    Param("letterbox", False, "Pad to a square before resizing instead of stretching (off: as the reference)."),
+    Param("debug_image", False, "Publish <name>/features_image: the tokens' first 3 principal components as RGB."),
+    Param("debug_image_rate", 2.0, "Largest rate (Hz) of the debug images.", float_range=(0.01, 30.0)),
+    Param("diagnostics_period", 1.0, "Seconds between /diagnostics messages.", float_range=(0.1, 60.0)),
+    Param("torch_threads", ENCODER_DEFAULTS["threads"], "torch intra-op threads; 0 keeps torch's default.",
+          int_range=(0, 256)),
+    Param("autostart", True, "Configure and activate on start (for users without a lifecycle manager)."),
+)
+
+
+def camera_parameters(camera, letterbox_default):
+    """Per-camera geometry (e.g. `wrist: {crop: [...]}`), declared once the camera names are known."""
+    return (
+        Param(f"{camera}.crop", [0, 0, 0, 0], f"Crop (x, y, w, h) of camera {camera}; all zeros: the node-wide crop.",
+              attr="crop"),
+        Param(f"{camera}.letterbox", letterbox_default,
+              f"Letterbox camera {camera} (default: the node-wide letterbox).", attr="letterbox"),
+    )
 
 
 class _Camera:
@@ -53,7 +112,10 @@ class _Camera:
 class TheiaEncoderNode(LifecycleNode):
     def __init__(self, **kwargs):
         super().__init__("theia_encoder", **kwargs)
-        self._declare_parameters()
+        declare_parameters(self, ENCODER_PARAMETERS)
+        for camera in self.get_parameter("cameras").value:
+            declare_parameters(self, camera_parameters(camera, self.get_parameter("letterbox").value))
+        self.params = None  # read at configure
         self.encoder = None
         self.cameras = {}
         self.synchronizer = None
@@ -64,102 +126,38 @@ class TheiaEncoderNode(LifecycleNode):
         self._process_guard = None
         self._throttle = LogThrottle(period=2.0)
         forward_python_logging(self, "theia_ros.backends")  # engine builds, cache hits and rebuilds
-        if self.get_parameter("torch_threads").value > 0:
-            import torch
-
-            torch.set_num_threads(self.get_parameter("torch_threads").value)
-
-    # ------------------------------------------------------------------ parameters
-    def _declare(self, name, default, description, *, int_range=None, float_range=None, choices=None):
-        if choices:
-            description += f" One of: {', '.join(choices)}."
-        declare(self, name, default, description, int_range=int_range, float_range=float_range)
-        self._choices[name] = choices
-
-    def _declare_parameters(self):
-        self._choices = {}
-        d = self._declare
-        d("model", "theaiinstitute/theia-tiny-patch16-224-cddsv",
-          "Checkpoint: a directory with config.json + model.safetensors, a Hugging Face hub id, or "
-          "'random:<variant>' for random weights (tests and demos only; every message says so).")
-        d("seed", 0, "Seed of random weights (model 'random:...').", int_range=(0, 2**31 - 1))
-        d("backend", "auto", "Inference engine; auto: tensorrt where CUDA and torch-tensorrt exist, else torch on "
-          "CUDA, else the fastest accurate CPU engine (onnxruntime, built once and cached).",
-          choices=("auto", "torch", "onnxruntime", "tensorrt"))
-        d("precision", "fp32", "Inference precision.", choices=("fp32", "fp16", "bf16"))
-        d("device", "auto", "Device: auto (a CUDA GPU if present, else the CPU), cpu, cuda, cuda:1, ...")
-        d("max_batch", 4, "Largest batch one inference takes.", int_range=(1, 64))
-        d("engine_cache_dir", "",
-          "Where built TensorRT engines and ONNX graphs are kept and reused; empty: $THEIA_ROS_CACHE, else "
-          "~/.cache/theia_ros/engines. Use a persistent path: a TensorRT build takes minutes.")
-        d("tensorrt.fp32_acc", "auto",
-          "TensorRT fp16 only: accumulate matmuls in fp32 (slower). auto: only when the fp16 engine fails the "
-          "accuracy gate.", choices=("auto", "on", "off"))
-        d("representation", "tokens",
-          "What to publish: tokens [196,C], cls [C], mean [C], max [C], all_tokens [197,C], spatial [C,14,14], "
-          "or teacher:<teacher id> [H*W,C_teacher].")
-        d("output_dtype", "float32", "dtype on the wire.", choices=("float32", "float16"))
-        d("cameras", ["camera"],
-          "Camera names. Camera <name> is read from <name>/image_raw (or <name>/image_raw/compressed) and its "
-          "features go to <name>/features; remap topics as usual.")
-        d("image_transport", "raw", "Input message type.", choices=("raw", "compressed"))
-        d("mode", "independent",
-          "independent: encode and publish each camera as it arrives; synchronized: match frames within sync_slop "
-          "and publish them as one MultiCameraFeatures on features/synchronized.",
-          choices=("independent", "synchronized"))
-        d("sync_slop", 0.02, "Largest stamp difference (s) between frames of one synchronized set.",
-          float_range=(0.0, 10.0))
-        d("qos", "sensor_data", "Input QoS: sensor_data (best effort) or reliable; depth 1 either way.",
-          choices=("sensor_data", "reliable"))
-        d("max_image_pixels", 3840 * 2160, "Frames with more pixels are rejected (logged, counted, dropped).",
-          int_range=(1, 2**31 - 1))
-        d("crop", [0, 0, 0, 0], "Crop (x, y, w, h) applied to every camera before resizing; all zeros: none.")
-        d("letterbox", False, "Pad to a square before resizing instead of stretching (off: as the reference).")
-        for cam in self.get_parameter("cameras").value:  # per-camera geometry, e.g. `wrist: {crop: [...]}`
-            d(f"{cam}.crop", [0, 0, 0, 0], f"Crop (x, y, w, h) of camera {cam}; all zeros: the node-wide crop.")
-            d(f"{cam}.letterbox", self.get_parameter("letterbox").value,
-              f"Letterbox camera {cam} (default: the node-wide letterbox).")
-        d("debug_image", False, "Publish <name>/features_image: the tokens' first 3 principal components as RGB.")
-        d("debug_image_rate", 2.0, "Largest rate (Hz) of the debug images.", float_range=(0.01, 30.0))
-        d("diagnostics_period", 1.0, "Seconds between /diagnostics messages.", float_range=(0.1, 60.0))
-        d("torch_threads", 0, "torch intra-op threads; 0 keeps torch's default.", int_range=(0, 256))
-        d("autostart", True, "Configure and activate on start (for users without a lifecycle manager).")
-
-    def _param(self, name):
-        value = self.get_parameter(name).value
-        choices = self._choices.get(name)
-        if choices and value not in choices:
-            raise ValueError(f"parameter {name}={value!r}: must be one of {', '.join(choices)}")
-        return value
 
     # ------------------------------------------------------------------ lifecycle
     def on_configure(self, state):
         try:
             t0 = time.monotonic()
-            model = self._param("model")
-            self.encoder = FeatureEncoder.load(
-                model, seed=self._param("seed"), backend=self._param("backend"), precision=self._param("precision"),
-                device=self._param("device"), max_batch=self._param("max_batch"),
-                representation=self._param("representation"), output_dtype=self._param("output_dtype"),
-                cache_dir=self._param("engine_cache_dir") or None, fp32_acc=self._param("tensorrt.fp32_acc"))
-            self.encoder.warm_up()
-            names = list(self._param("cameras"))
+            p = self.params = read_parameters(self, ENCODER_PARAMETERS)
+            names = list(p.cameras)
             if not names or len(set(names)) != len(names):
                 raise ValueError(f"parameter cameras={names}: needs one or more distinct names")
-            self.cameras = {name: _Camera(name, self._preprocess_config(name)) for name in names}
-            self.mode = self._param("mode")
-            self._max_pixels = self._param("max_image_pixels")  # per-frame values, read once
-            self._debug_period = 1.0 / self._param("debug_image_rate")
-            self._param("image_transport"), self._param("qos")  # validate now, not on activate
+            geometry = {name: read_parameters(self, camera_parameters(name, p.letterbox)) for name in names}
+            if p.torch_threads > 0:
+                import torch
+
+                torch.set_num_threads(p.torch_threads)
+            self.encoder = FeatureEncoder.load(
+                p.model, seed=p.seed, backend=p.backend, precision=p.precision, device=p.device,
+                max_batch=p.max_batch, representation=p.representation, output_dtype=p.output_dtype,
+                cache_dir=p.engine_cache_dir or None, fp32_acc=p.tensorrt_fp32_acc)
+            self.encoder.warm_up()
+            self.cameras = {name: _Camera(name, self._preprocess_config(geometry[name])) for name in names}
+            self.metadata = self.encoder.metadata  # fields every features message carries, fixed until cleanup
+            self._debug_period = 1.0 / p.debug_image_rate
         except Exception as exc:  # a bad checkpoint or parameter must not take the process down
             self.get_logger().error(f"configure failed: {exc}")
             self.encoder = None
             return TransitionCallbackReturn.FAILURE
-        meta = self.encoder.metadata
+        meta = self.metadata
         identity = self.encoder.backend.identity
         msg = (f"configured in {time.monotonic() - t0:.1f} s: {self.encoder.model.variant} "
-               f"({meta['weights_id']}), backend {identity['backend']} {identity['precision']} on {identity['device']}, "
-               f"representation {meta['representation']}, cameras {', '.join(self.cameras)}, mode {self.mode}"
+               f"({meta['weights_id']}), backend {identity['backend']} {identity['precision']} "
+               f"on {identity['device']}, "
+               f"representation {meta['representation']}, cameras {', '.join(self.cameras)}, mode {self.params.mode}"
                + (f", engine {identity['engine']}" if identity.get("engine") else ""))
         if meta["random_weights"]:
             self.get_logger().warning(f"{self._random_tag()}{msg}. RANDOM WEIGHTS: the features mean nothing; "
@@ -168,32 +166,31 @@ class TheiaEncoderNode(LifecycleNode):
             self.get_logger().info(msg)
         for cam in self.cameras.values():
             cam.features_pub = self.create_lifecycle_publisher(Features, f"{cam.name}/features", 10)
-            if self._param("debug_image"):
+            if self.params.debug_image:
                 cam.debug_pub = self.create_lifecycle_publisher(Image, f"{cam.name}/features_image", 1)
-        if self.mode == "synchronized":
-            self.synchronizer = FrameSynchronizer(list(self.cameras), self._param("sync_slop"))
+        if self.params.mode == "synchronized":
+            self.synchronizer = FrameSynchronizer(list(self.cameras), self.params.sync_slop)
             self.multi_pub = self.create_lifecycle_publisher(MultiCameraFeatures, "features/synchronized", 10)
+            self._publish_features = self._publish_synchronized
+        else:
+            self._publish_features = self._publish_independent
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         return TransitionCallbackReturn.SUCCESS
 
-    def _preprocess_config(self, camera):
-        crop = list(self._param(f"{camera}.crop")) if any(self._param(f"{camera}.crop")) else list(self._param("crop"))
-        return PreprocessConfig(crop=tuple(crop) if any(crop) else None, letterbox=self._param(f"{camera}.letterbox"))
+    def _preprocess_config(self, geometry):
+        crop = list(geometry.crop) if any(geometry.crop) else list(self.params.crop)
+        return PreprocessConfig(crop=tuple(crop) if any(crop) else None, letterbox=geometry.letterbox)
 
     def on_activate(self, state):
-        if self._param("qos") == "reliable":
-            qos = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
-        else:
-            qos = QoSProfile(depth=1, reliability=qos_profile_sensor_data.reliability,
-                             durability=qos_profile_sensor_data.durability, history=HistoryPolicy.KEEP_LAST)
-        compressed = self._param("image_transport") == "compressed"
+        qos = qos_profile(self.params.qos, depth=1)  # the newest frame wins; replaced frames are counted
+        compressed = self.params.image_transport == "compressed"
         self._process_guard = self.create_guard_condition(self._process_pending)
         for cam in self.cameras.values():
             topic = f"{cam.name}/image_raw" + ("/compressed" if compressed else "")
             cam.subscription = self.create_subscription(
                 CompressedImage if compressed else Image, topic,
                 lambda msg, info, cam=cam: self._on_image(cam, msg, info), qos)
-        self.diag_timer = self.create_timer(self._param("diagnostics_period"), self._publish_diagnostics)
+        self.diag_timer = self.create_timer(self.params.diagnostics_period, self._publish_diagnostics)
         self.get_logger().info(f"{self._random_tag()}active: reading "
                                + ", ".join(c.subscription.topic_name for c in self.cameras.values()))
         return super().on_activate(state)
@@ -277,15 +274,7 @@ class TheiaEncoderNode(LifecycleNode):
     def _decode(self, cam, msg):
         t0 = time.perf_counter()
         try:
-            if isinstance(msg, CompressedImage):
-                rgb = decode_compressed(msg.data, msg.format)
-            else:
-                if msg.encoding not in SUPPORTED_ENCODINGS:
-                    raise ImageDecodeError(f"unsupported encoding {msg.encoding!r}; supported: "
-                                           f"{', '.join(SUPPORTED_ENCODINGS)}")
-                self._check_size(msg.height, msg.width)
-                rgb = image_to_rgb(msg.data, msg.height, msg.width, msg.step, msg.encoding)
-            self._check_size(rgb.shape[0], rgb.shape[1])
+            rgb = message_to_rgb(msg, self.params.max_image_pixels)
         except ImageDecodeError as exc:
             cam.stats.counts["rejected_bad_input"] += 1
             reason = str(exc)
@@ -296,28 +285,13 @@ class TheiaEncoderNode(LifecycleNode):
         cam.stats.latency["decode"].add(time.perf_counter() - t0)
         return rgb
 
-    def _check_size(self, height, width):
-        limit = self._max_pixels
-        if height * width > limit:
-            raise ImageDecodeError(f"{width}x{height} frame exceeds max_image_pixels={limit}")
-
     def _encode_and_publish(self, batch):
         cams = [b[0] for b in batch]
         features, timings = self.encoder.encode([b[3] for b in batch], [c.preprocess_config for c in cams])
         t_pub = time.perf_counter()
-        meta = self.encoder.metadata
-        msgs = [to_features_msg(features[i], header=msg.header, camera=cam.name, **meta)
+        msgs = [to_features_msg(features[i], header=msg.header, camera=cam.name, **self.metadata)
                 for i, (cam, msg, _, _) in enumerate(batch)]
-        if self.multi_pub is not None:
-            multi = MultiCameraFeatures(cameras=msgs)
-            stamps = [stamp_seconds(m.header.stamp) for m in msgs]
-            newest = int(np.argmax(stamps))
-            multi.header.stamp = msgs[newest].header.stamp
-            multi.max_stamp_skew = float(max(stamps) - min(stamps))
-            self.multi_pub.publish(multi)
-        else:
-            for cam, msg in zip(cams, msgs):
-                cam.features_pub.publish(msg)
+        self._publish_features(cams, msgs)
         done = time.perf_counter()
         now_wall = time.time()
         n = len(batch)
@@ -337,6 +311,17 @@ class TheiaEncoderNode(LifecycleNode):
                 self._maybe_publish_debug(cam, msg, features[i])
         self.node_stats.counts["batches"] += 1
         self.node_stats.latency["batch"].add(done - min(b[2] for b in batch))
+
+    def _publish_independent(self, cams, msgs):
+        for cam, msg in zip(cams, msgs):
+            cam.features_pub.publish(msg)
+
+    def _publish_synchronized(self, cams, msgs):
+        multi = MultiCameraFeatures(cameras=msgs)
+        stamps = [stamp_seconds(m.header.stamp) for m in msgs]
+        multi.header.stamp = msgs[int(np.argmax(stamps))].header.stamp
+        multi.max_stamp_skew = float(max(stamps) - min(stamps))
+        self.multi_pub.publish(multi)
 
     def _maybe_publish_debug(self, cam, msg, tensor):
         now = time.monotonic()
@@ -362,24 +347,18 @@ class TheiaEncoderNode(LifecycleNode):
         return "[RANDOM WEIGHTS] " if self.encoder is not None and self.encoder.model.random_weights else ""
 
     def _publish_diagnostics(self):
-        array = DiagnosticArray()
-        array.header.stamp = self.get_clock().now().to_msg()
-        meta = self.encoder.metadata
-        node_status = DiagnosticStatus(name=f"{self.get_name()}: encoder", hardware_id=meta["model_id"])
-        node_status.level = DiagnosticStatus.WARN if meta["random_weights"] else DiagnosticStatus.OK
-        node_status.message = "RANDOM WEIGHTS: features mean nothing" if meta["random_weights"] else "running"
-        values = {**self.encoder.backend.identity, **self.node_stats.summary()}
-        node_status.values = [KeyValue(key=k, value=str(v)) for k, v in values.items()]
-        array.status.append(node_status)
+        meta = self.metadata
+        random = meta["random_weights"]
+        statuses = [diagnostic_status(f"{self.get_name()}: encoder", meta["model_id"], warn=random,
+                                      message="RANDOM WEIGHTS: features mean nothing" if random else "running",
+                                      values={**self.encoder.backend.identity, **self.node_stats.summary()})]
         for cam in self.cameras.values():
             summary = cam.stats.summary()
-            status = DiagnosticStatus(name=f"{self.get_name()}: camera {cam.name}", hardware_id=cam.name)
             bad = summary["rejected_bad_input"] + summary["errors"]
-            status.level = DiagnosticStatus.WARN if bad or meta["random_weights"] else DiagnosticStatus.OK
-            status.message = f"{summary['output_hz']:.1f} Hz out, {bad} bad frames"
-            status.values = [KeyValue(key=k, value=str(v)) for k, v in summary.items()]
-            array.status.append(status)
-        self.diag_pub.publish(array)
+            statuses.append(diagnostic_status(f"{self.get_name()}: camera {cam.name}", cam.name,
+                                              warn=bool(bad or random), values=summary,
+                                              message=f"{summary['output_hz']:.1f} Hz out, {bad} bad frames"))
+        self.diag_pub.publish(diagnostic_array(self, statuses))
 
 
 def _autostart(node):
