@@ -129,7 +129,7 @@ def test_the_checks_see_what_they_check():
     modules = _modules()
     imports = _imports("theia_ros.nodes.theia_encoder", modules["theia_ros.nodes.theia_encoder"], set(modules))
     assert any(i == "rclpy.lifecycle" for i, _, _ in imports)
-    assert any(i == "theia_ros.encoder.pipeline" for i, _, _ in imports)
+    assert any(i == "theia_ros.backends.factory" for i, _, _ in imports)
 
 
 def test_the_command_line_needs_no_ros_until_a_ros_verb_runs():

@@ -348,9 +348,9 @@ def test_auto_on_this_machine(tiny):
 
 @needs_ort
 def test_encoder_uses_backends(tiny):
-    from theia_ros.encoder.pipeline import FeatureEncoder
+    from theia_ros.backends.factory import create_encoder
 
-    encoder = FeatureEncoder.load(TINY, backend="onnxruntime", max_batch=2, threads=2)
+    encoder = create_encoder(TINY, backend="onnxruntime", max_batch=2, threads=2)
     frames = [np.full((48, 64, 3), v, np.uint8) for v in (0, 80, 160)]
     features, timings = encoder.encode(frames)  # 3 frames in chunks of max_batch 2
     assert features.shape == (3, 196, 192)

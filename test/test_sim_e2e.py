@@ -156,11 +156,11 @@ def run_pipeline(tmp, *, train_episodes, eval_seeds, hold_seeds, expert_seeds, m
          "--backend", "torch", "--device", "cpu", "--no-progress", "--cameras", "/front/image_raw")
     import torch
 
+    from theia_ros.backends.factory import create_encoder
     from theia_ros.bags.encode import encode_bag
-    from theia_ros.encoder.pipeline import FeatureEncoder
 
     torch.set_num_threads(1)
-    encoder = FeatureEncoder.load(MODEL, seed=0, representation="tokens")
+    encoder = create_encoder(MODEL, seed=0, representation="tokens")
     for bag in bags[1:]:
         encode_bag(bag, features / bag.name, model=MODEL, encoder=encoder, cameras=["/front/image_raw"],
                    progress=False)

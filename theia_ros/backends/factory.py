@@ -1,5 +1,5 @@
-"""Backends by name: create_backend, and backend="auto", the fastest backend that runs here and
-passes the accuracy gate.
+"""Backends by name: create_backend, backend="auto" (the fastest backend that runs here and passes
+the accuracy gate), and create_encoder (a checkpoint and its backend as one FeatureEncoder).
 
 Auto's order (first that can be built wins; a failure to build or validate falls through to the next):
 
@@ -24,7 +24,9 @@ import logging
 import torch
 
 from theia_ros.backends.base import BackendError
-from theia_ros.encoder.config import BACKEND_CHOICES
+from theia_ros.encoder.config import BACKEND_CHOICES, ENCODER_DEFAULTS
+from theia_ros.encoder.model import load_model
+from theia_ros.encoder.pipeline import FeatureEncoder
 
 log = logging.getLogger("theia_ros.backends")
 
@@ -133,3 +135,14 @@ def create_auto_backend(model, representation="tokens", precision="fp32", device
         log.info("auto backend: chose %s %s on %s (%s)", name, prec, dev, why)
         return backend
     raise BackendError("auto backend: no backend could be built: " + "; ".join(failures))
+
+
+def create_encoder(source, *, seed=None, backend="torch", precision=ENCODER_DEFAULTS["precision"], device="cpu",
+                   max_batch=ENCODER_DEFAULTS["max_batch"], representation=ENCODER_DEFAULTS["representation"],
+                   output_dtype=ENCODER_DEFAULTS["output_dtype"], **backend_options) -> FeatureEncoder:
+    """Load checkpoint ``source`` and build its backend into a FeatureEncoder. backend and device default
+    to eager torch on the CPU, the reference engine; the node and the CLI pass ENCODER_DEFAULTS' "auto"."""
+    model = load_model(source, device="cpu", seed=seed)
+    engine = create_backend(backend, model, representation=representation, precision=precision, device=device,
+                            max_batch=max_batch, **backend_options)
+    return FeatureEncoder(model, engine, output_dtype)

@@ -119,9 +119,9 @@ def select_cameras(connections, cameras=None) -> dict[str, str]:
 
 @functools.lru_cache(maxsize=2)
 def _cached_encoder(source, seed, backend, precision, device, max_batch, representation, output_dtype):
-    from theia_ros.encoder.pipeline import FeatureEncoder
+    from theia_ros.backends.factory import create_encoder
 
-    return FeatureEncoder.load(source, seed=seed, backend=backend, precision=precision, device=device,
+    return create_encoder(source, seed=seed, backend=backend, precision=precision, device=device,
                                max_batch=max_batch, representation=representation, output_dtype=output_dtype)
 
 
@@ -129,7 +129,7 @@ def load_encoder(source=ENCODER_DEFAULTS["model"], *, seed=ENCODER_DEFAULTS["see
                  backend=ENCODER_DEFAULTS["backend"], precision=ENCODER_DEFAULTS["precision"],
                  device=ENCODER_DEFAULTS["device"], max_batch=ENCODER_DEFAULTS["max_batch"],
                  representation=ENCODER_DEFAULTS["representation"], output_dtype=ENCODER_DEFAULTS["output_dtype"]):
-    """FeatureEncoder.load, cached per process (repeated CLI calls in one process share the model)."""
+    """backends.factory.create_encoder, cached per process (repeated CLI calls in one process share the model)."""
     try:
         return _cached_encoder(source, seed, backend, precision, device, int(max_batch), representation,
                                output_dtype)

@@ -322,14 +322,8 @@ class Dataset:
         return Observation(feats, proprio, float(self.stamps[row]) * 1e-9)
 
 
-def build_dataset(bags, *, tolerance=0.05, episode_gap=2.0, history=1) -> Dataset:
-    """Align the streams of each bag (see module doc) into one Dataset."""
-    if history < 1:
-        raise TrainError("history must be >= 1")
-    tol = int(round(tolerance * 1e9))
-    gap = int(round(episode_gap * 1e9))
-    first = bags[0]
-    topics = list(first.features)
+def _cameras_of(first, topics):
+    """(features metadata, camera names) of the first bag: every feature topic holds the same kind of features."""
     meta = first.meta.get(topics[0])
     if meta is None:
         raise TrainError(f"{first.path}: no features on {topics[0]}")
@@ -343,6 +337,34 @@ def build_dataset(bags, *, tolerance=0.05, episode_gap=2.0, history=1) -> Datase
         cameras.append(m["camera"] or t.strip("/").rsplit("/", 1)[0] or t)
     if len(set(cameras)) != len(cameras):
         cameras = [t.strip("/").rsplit("/features", 1)[0] or t for t in topics]
+    return meta, cameras
+
+
+def _check_like_first(b, first, topics, meta):
+    """A bag joins the dataset only with the first bag's feature topics, features and actions."""
+    if list(b.features) != topics:
+        raise TrainError(f"{b.path}: feature topics {list(b.features)} differ from {first.path}'s {topics}")
+    for t in topics:
+        m = b.meta.get(t)
+        if m is None:
+            raise TrainError(f"{b.path}: no features on {t}")
+        if _features_kind(m) != _features_kind(meta):
+            raise TrainError(f"{b.path}: {t} holds {m['model_id']} {m['representation']} {m['shape']}, "
+                             f"{first.path} {meta['model_id']} {meta['representation']} {meta['shape']}")
+    if b.actions[2] != first.actions[2] or b.actions[3] != first.actions[3]:
+        raise TrainError(f"{b.path}: actions {b.actions[3]} {b.actions[2]} differ from {first.path}'s "
+                         f"{first.actions[3]} {first.actions[2]}")
+
+
+def build_dataset(bags, *, tolerance=0.05, episode_gap=2.0, history=1) -> Dataset:
+    """Align the streams of each bag (see module doc) into one Dataset."""
+    if history < 1:
+        raise TrainError("history must be >= 1")
+    tol = int(round(tolerance * 1e9))
+    gap = int(round(episode_gap * 1e9))
+    first = bags[0]
+    topics = list(first.features)
+    meta, cameras = _cameras_of(first, topics)
     a_names, a_kind = first.actions[2], first.actions[3]
     p_names = first.proprio[2] if first.proprio else []
     feats = {c: [] for c in cameras}
@@ -353,18 +375,7 @@ def build_dataset(bags, *, tolerance=0.05, episode_gap=2.0, history=1) -> Datase
                "end of episode (next-state action)": 0, "history before episode start": 0}  # (or a gap in it)
     episode_sources = []
     for b in bags:
-        if list(b.features) != topics:
-            raise TrainError(f"{b.path}: feature topics {list(b.features)} differ from {first.path}'s {topics}")
-        for t in topics:
-            m = b.meta.get(t)
-            if m is None:
-                raise TrainError(f"{b.path}: no features on {t}")
-            if _features_kind(m) != _features_kind(meta):
-                raise TrainError(f"{b.path}: {t} holds {m['model_id']} {m['representation']} {m['shape']}, "
-                                 f"{first.path} {meta['model_id']} {meta['representation']} {meta['shape']}")
-        if b.actions[2] != a_names or b.actions[3] != a_kind:
-            raise TrainError(f"{b.path}: actions {b.actions[3]} {b.actions[2]} differ from {first.path}'s "
-                             f"{a_kind} {a_names}")
+        _check_like_first(b, first, topics, meta)
         ref_stamps, _ = b.features[topics[0]]
         n = ref_stamps.size
         if n == 0:
@@ -405,17 +416,12 @@ def build_dataset(bags, *, tolerance=0.05, episode_gap=2.0, history=1) -> Datase
         av = a_values[np.where(arow < 0, 0, arow)]
         for i in range(n):
             lo = i - history + 1
-            reason = None
-            if not cam_ok[i]:
-                reason = "camera out of tolerance"
-            elif not prop_ok[i]:
-                reason = "no proprio within tolerance"
-            elif not end_ok[i]:
-                reason = "end of episode (next-state action)"
-            elif not act_ok[i]:
-                reason = "no action within tolerance"
-            elif lo < 0 or ep[lo] != ep[i] or not obs_ok[lo:i + 1].all():
-                reason = "history before episode start"
+            reason = ("camera out of tolerance" if not cam_ok[i] else
+                      "no proprio within tolerance" if not prop_ok[i] else
+                      "end of episode (next-state action)" if not end_ok[i] else
+                      "no action within tolerance" if not act_ok[i] else
+                      "history before episode start" if lo < 0 or ep[lo] != ep[i] or not obs_ok[lo:i + 1].all()
+                      else None)
             if reason:
                 dropped[reason] += 1
                 continue

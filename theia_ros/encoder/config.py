@@ -65,7 +65,7 @@ TEACHER_SHORT_NAMES = {  # friendly aliases accepted by forward(teachers=...)
 
 DEFAULT_MODEL = f"{HUB_ORGANISATION}/theia-tiny-patch16-224-cddsv"
 #: How the encoder runs unless told otherwise: the one place for these defaults. The encoder node's
-#: parameters and the CLI's shared encoder options take them from here; FeatureEncoder.load takes
+#: parameters and the CLI's shared encoder options take them from here; backends.factory.create_encoder takes
 #: the rest but defaults to eager torch on the CPU (the reference engine). threads 0 keeps torch's own
 #: default.
 ENCODER_DEFAULTS = {

@@ -1,12 +1,13 @@
-"""The encoder core the node adapts to ROS: frames in, feature tensors out (plain Python)."""
+"""The encoder core the node adapts to ROS: frames in, feature tensors out (plain Python).
+
+A FeatureEncoder is given its model and backend; backends.factory.create_encoder builds both from a
+checkpoint (so the encoder layer does not import the backends that run it)."""
 import logging
 import time
 
 import torch
 
-from theia_ros.backends.factory import create_backend
 from theia_ros.encoder.config import ENCODER_DEFAULTS, OUTPUT_DTYPE_CHOICES
-from theia_ros.encoder.model import load_model
 from theia_ros.preprocess import IMAGE_SIZE, to_model_input
 
 log = logging.getLogger(__name__)
@@ -27,17 +28,6 @@ class FeatureEncoder:
         self.output_dtype = output_dtype
         self._torch_out = torch.float32 if output_dtype == "float32" else torch.float16
         self._pixels = torch.empty(backend.max_batch, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.float32)
-
-    @classmethod
-    def load(cls, source, *, seed=None, backend="torch", precision=ENCODER_DEFAULTS["precision"], device="cpu",
-             max_batch=ENCODER_DEFAULTS["max_batch"], representation=ENCODER_DEFAULTS["representation"],
-             output_dtype=ENCODER_DEFAULTS["output_dtype"], **backend_options):
-        """Load ``source`` and build its backend. backend and device default to eager torch on the
-        CPU, the reference engine; the node and the CLI pass ENCODER_DEFAULTS' "auto" explicitly."""
-        model = load_model(source, device="cpu", seed=seed)
-        engine = create_backend(backend, model, representation=representation, precision=precision,
-                                device=device, max_batch=max_batch, **backend_options)
-        return cls(model, engine, output_dtype)
 
     @property
     def representation(self):

@@ -18,8 +18,8 @@ from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from sensor_msgs.msg import CompressedImage, Image
 
+from theia_ros.backends.factory import create_encoder
 from theia_ros.encoder.config import BACKEND_CHOICES, ENCODER_DEFAULTS, OUTPUT_DTYPE_CHOICES, PRECISION_CHOICES
-from theia_ros.encoder.pipeline import FeatureEncoder
 from theia_ros.features import to_features_msg
 from theia_ros.images import ImageDecodeError, message_to_rgb
 from theia_ros.msg import Features, MultiCameraFeatures
@@ -140,7 +140,7 @@ class TheiaEncoderNode(LifecycleNode):
                 import torch
 
                 torch.set_num_threads(p.torch_threads)
-            self.encoder = FeatureEncoder.load(
+            self.encoder = create_encoder(
                 p.model, seed=p.seed, backend=p.backend, precision=p.precision, device=p.device,
                 max_batch=p.max_batch, representation=p.representation, output_dtype=p.output_dtype,
                 cache_dir=p.engine_cache_dir or None, fp32_acc=p.tensorrt_fp32_acc)
