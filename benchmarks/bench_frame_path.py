@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""The encoder node's per-frame path, each step done once: what that saves, measured in one run.
+
+    python benchmarks/bench_frame_path.py [--rounds 15]
+
+1. A batch of 4 camera frames (640x480 RGB) into the model input: the way before (each frame
+   through preprocess.to_model_input, then torch.cat copies the batch again) against
+   FeatureEncoder's (each frame preprocessed straight into one preallocated [max_batch, 3, 224, 224]
+   buffer). Interleaved rounds; the ratio is what to read.
+2. A compressed frame that declares 12000x9000 pixels (a small JPEG whose frame header says so):
+   the way before (decode, then check the size) against images.decode_compressed with
+   max_pixels (the size read from the JPEG header, nothing decoded). Time and the growth of the
+   process's peak RSS; the header check runs first, so the full decode's growth is not hidden by it.
+Budgets: the batch path at most 1.0x the old one (one copy fewer); the oversized frame rejected
+at least 100x faster and with < 5 MB peak RSS growth.
+"""
+import argparse
+import resource
+import sys
+import time
+
+import cv2
+import numpy as np
+import torch
+
+from theia_ros.images import ImageDecodeError, decode_compressed
+from theia_ros.preprocess import IMAGE_SIZE, to_model_input
+
+MAX_PIXELS = 3840 * 2160
+
+
+def oversized_jpeg(width=12000, height=9000):
+    """A real 160x120 JPEG whose SOF0 header is patched to declare width x height."""
+    data = bytearray(cv2.imencode(".jpg", np.full((120, 160, 3), 128, np.uint8))[1].tobytes())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def decode_then_check(data):
+    """The path before: decode in full, then compare the size with the limit."""
+    rgb = decode_compressed(data, "jpeg")
+    if rgb.shape[0] * rgb.shape[1] > MAX_PIXELS:
+        raise ImageDecodeError("too large")
+
+
+def check_then_decode(data):
+    decode_compressed(data, "jpeg", max_pixels=MAX_PIXELS)
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(fn, reps):
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        try:
+            fn()
+        except ImageDecodeError:
+            pass
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (480, 640, 3), dtype=np.uint8) for _ in range(4)]
+    buffer = torch.empty(4, 3, IMAGE_SIZE, IMAGE_SIZE)
+
+    def per_frame_then_cat():
+        return torch.cat([to_model_input(f) for f in frames])
+
+    def into_one_batch():
+        for i, f in enumerate(frames):
+            to_model_input(f, out=buffer[i:i + 1])
+        return buffer
+
+    assert torch.equal(per_frame_then_cat(), into_one_batch())  # same numbers, fewer copies
+    old, new = [], []
+    for _ in range(args.rounds):
+        old += timed(per_frame_then_cat, 10)
+        new += timed(into_one_batch, 10)
+    old_ms, new_ms = np.median(old) * 1e3, np.median(new) * 1e3
+
+    data = oversized_jpeg()
+    rss0 = peak_rss_mb()
+    header = timed(lambda: check_then_decode(data), 5)
+    rss1 = peak_rss_mb()
+    full = timed(lambda: decode_then_check(data), 3)
+    rss2 = peak_rss_mb()
+    header_ms, full_ms = np.median(header) * 1e3, np.median(full) * 1e3
+
+    batch_ok = new_ms <= old_ms
+    reject_ok = full_ms / header_ms >= 100 and rss1 - rss0 < 5
+    print("# Per-frame path: each step once\n")
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.rounds} interleaved rounds; "
+          f"JPEG of {len(data)} bytes declaring 12000x9000\n")
+    print("| measurement | before | now | ratio now/before | budget | result |")
+    print("|---|---|---|---|---|---|")
+    print(f"| 4 frames 640x480 -> model input (median) | {old_ms:.2f} ms | {new_ms:.2f} ms | {new_ms / old_ms:.2f} "
+          f"| <= 1.00 | {'PASS' if batch_ok else 'FAIL'} |")
+    print(f"| oversized JPEG rejected (median) | {full_ms:.1f} ms | {header_ms:.3f} ms | "
+          f"{header_ms / full_ms:.1e} | <= 0.01 | {'PASS' if reject_ok else 'FAIL'} |")
+    print(f"| peak RSS growth while rejecting it | {rss2 - rss1:.0f} MB | {rss1 - rss0:.1f} MB | | < 5 MB now | "
+          f"{'PASS' if rss1 - rss0 < 5 else 'FAIL'} |")
+    return 0 if batch_ok and reject_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
