@@ -83,6 +83,8 @@ ENCODER_PARAMETERS = (
     Param("autostart", True, "Configure and activate on start (for users without a lifecycle manager)."),
 )
 
+STARTUP_PARAMETERS = ("cameras", "letterbox", "autostart")
+
 
 def camera_parameters(camera, letterbox_default):
     """Per-camera geometry (e.g. `wrist: {crop: [...]}`), declared once the camera names are known."""
@@ -113,8 +115,10 @@ class TheiaEncoderNode(LifecycleNode):
     def __init__(self, **kwargs):
         super().__init__("theia_encoder", **kwargs)
         declare_parameters(self, ENCODER_PARAMETERS)
-        for camera in self.get_parameter("cameras").value:
-            declare_parameters(self, camera_parameters(camera, self.get_parameter("letterbox").value))
+        # what start-up needs before configure: the cameras' own parameters, and whether to autostart
+        self.startup = read_parameters(self, [p for p in ENCODER_PARAMETERS if p.name in STARTUP_PARAMETERS])
+        for camera in self.startup.cameras:
+            declare_parameters(self, camera_parameters(camera, self.startup.letterbox))
         self.params = None  # read at configure
         self.encoder = None
         self.cameras = {}
@@ -362,7 +366,7 @@ class TheiaEncoderNode(LifecycleNode):
 
 
 def _autostart(node):
-    if not node.get_parameter("autostart").value:
+    if not node.startup.autostart:
         return
     if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
         node.get_logger().error("autostart: configure failed; staying unconfigured (fix the parameters and "
