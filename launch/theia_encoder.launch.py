@@ -1,6 +1,9 @@
-"""Start the theia_encoder lifecycle node (autostarts unless autostart:=false).
+"""Start the theia_encoder lifecycle node alone (autostarts unless autostart:=false).
 
     ros2 launch theia_ros theia_encoder.launch.py params_file:=my_encoder.yaml model:=/path/to/ckpt
+
+The YAML's theia_encoder section, the arguments applied by the rules of
+theia_ros.nodes.graph_description (as theia_graph.launch.py and `theia-ros bringup` apply theirs).
 """
 import os
 
@@ -10,28 +13,39 @@ from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironment
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import LifecycleNode
 
-OVERRIDES = ("model", "backend", "precision", "device", "representation")
+from theia_ros.nodes.graph_description import (
+    ENCODER_ARGUMENTS,
+    NODES_BY_SECTION,
+    PACKAGE,
+    graph_params,
+    launch_overrides,
+    load_params,
+    write_params,
+)
+
+ENCODER = NODES_BY_SECTION["theia_encoder"]
 
 
 def _encoder(context):
-    overrides = {k: LaunchConfiguration(k).perform(context) for k in OVERRIDES}
-    overrides = {k: v for k, v in overrides.items() if v}
+    arguments = {name: LaunchConfiguration(name).perform(context) for name in ENCODER_ARGUMENTS}
+    overrides = launch_overrides(arguments)
     autostart = LaunchConfiguration("autostart").perform(context).lower() in ("1", "true", "yes")
-    return [LifecycleNode(
-        package="theia_ros", executable="theia_encoder", name="theia_encoder", namespace="",
-        parameters=[LaunchConfiguration("params_file").perform(context), overrides, {"autostart": autostart}],
-        output="screen")]
+    overrides.setdefault(ENCODER.section, {})["autostart"] = autostart
+    params = graph_params(load_params(LaunchConfiguration("params_file").perform(context)), overrides)
+    merged = write_params({ENCODER.section: params[ENCODER.section]}, prefix="theia_ros_launch_")
+    return [LifecycleNode(package=PACKAGE, executable=ENCODER.executable, name=ENCODER.section, namespace="",
+                          parameters=[merged], output="screen")]
 
 
 def generate_launch_description():
-    share = get_package_share_directory("theia_ros")
+    share = get_package_share_directory(PACKAGE)
     return LaunchDescription([
         DeclareLaunchArgument("params_file", default_value=os.path.join(share, "config", "theia_encoder.yaml"),
                               description="theia_encoder parameters YAML"),
         DeclareLaunchArgument("autostart", default_value="true",
                               description="configure and activate without a lifecycle manager"),
-        *[DeclareLaunchArgument(k, default_value="", description=f"override the {k} parameter")
-          for k in OVERRIDES],
+        *[DeclareLaunchArgument(name, default_value="", description=f"override the {name} parameter (empty: the "
+                                "YAML's)") for name in ENCODER_ARGUMENTS],
         # Large images need a bigger Fast DDS shared-memory segment than the default 512 KB.
         SetEnvironmentVariable("FASTRTPS_DEFAULT_PROFILES_FILE",
                                os.environ.get("FASTRTPS_DEFAULT_PROFILES_FILE")

@@ -1,11 +1,15 @@
-"""Encoder + policy (and optionally the synthetic camera), from one parameters YAML.
+"""The theia_ros graph from one parameters YAML: one node per section of the YAML (synthetic_camera,
+theia_sim, theia_encoder, theia_policy), the nodes and parameters `theia-ros bringup FILE` starts.
 
+    ros2 launch theia_ros theia_graph.launch.py          # config/demo.yaml: synthetic camera, encoder, policy
     ros2 launch theia_ros theia_graph.launch.py params_file:=robot.yaml \
         model:=theaiinstitute/theia-tiny-patch16-224-cddsv policy:=theia_head policy_checkpoint:=/ckpt
-    ros2 launch theia_ros theia_graph.launch.py synthetic_camera:=true   # the demo defaults
+    ros2 launch theia_ros theia_graph.launch.py policy:=hold   # another policy: the YAML's policy_params
+                                                               # and policy_checkpoint are then dropped
+    ros2 launch theia_ros theia_sim.launch.py            # the main job: simulator, encoder, policy
 
-`theia-ros bringup robot.yaml` starts the same nodes from the same YAML where `ros2 launch` is
-not installed.
+Which node each section starts and how the arguments apply come from theia_ros.nodes.graph_description,
+which bringup uses too; the merged parameters go to every node as one params file.
 """
 import os
 
@@ -15,40 +19,39 @@ from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironment
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import LifecycleNode, Node
 
-ENCODER_OVERRIDES = ("model", "backend", "precision", "device")
-POLICY_OVERRIDES = ("policy", "policy_checkpoint")
+from theia_ros.nodes.graph_description import (
+    GRAPH_ARGUMENTS,
+    LAUNCH_ARGUMENTS,
+    PACKAGE,
+    graph_nodes,
+    graph_params,
+    launch_overrides,
+    load_params,
+    write_params,
+)
 
 
 def _nodes(context):
-    def value(name):
-        return LaunchConfiguration(name).perform(context)
-
-    params_file = value("params_file")
-    encoder = {k: value(k) for k in ENCODER_OVERRIDES if value(k)}
-    policy = {k: value(k) for k in POLICY_OVERRIDES if value(k)}
-    nodes = [
-        LifecycleNode(package="theia_ros", executable="theia_encoder", name="theia_encoder", namespace="",
-                      parameters=[params_file, encoder], output="screen"),
-        Node(package="theia_ros", executable="theia_policy", name="theia_policy",
-             parameters=[params_file, policy], output="screen"),
-    ]
-    if value("synthetic_camera").lower() in ("1", "true", "yes"):
-        nodes.append(Node(package="theia_ros", executable="synthetic_camera", name="synthetic_camera",
-                          parameters=[params_file], output="screen"))
-    return nodes
+    arguments = {name: LaunchConfiguration(name).perform(context) for name in GRAPH_ARGUMENTS}
+    params = graph_params(load_params(LaunchConfiguration("params_file").perform(context)),
+                          launch_overrides(arguments))
+    merged = write_params(params, prefix="theia_ros_launch_")
+    actions = []
+    for node in graph_nodes(params):
+        common = dict(package=PACKAGE, executable=node.executable, name=node.section, parameters=[merged],
+                      output="screen")
+        actions.append(LifecycleNode(namespace="", **common) if node.lifecycle else Node(**common))
+    return actions
 
 
 def generate_launch_description():
-    share = get_package_share_directory("theia_ros")
+    share = get_package_share_directory(PACKAGE)
     return LaunchDescription([
         DeclareLaunchArgument("params_file", default_value=os.path.join(share, "config", "demo.yaml"),
-                              description="parameters YAML with theia_encoder / theia_policy sections"),
-        DeclareLaunchArgument("synthetic_camera", default_value="false",
-                              description="also start the synthetic camera (demo without a camera)"),
-        *[DeclareLaunchArgument(k, default_value="", description=f"override the encoder's {k}")
-          for k in ENCODER_OVERRIDES],
-        *[DeclareLaunchArgument(k, default_value="", description=f"override the policy node's {k}")
-          for k in POLICY_OVERRIDES],
+                              description="parameters YAML: each node section starts its node"),
+        *[DeclareLaunchArgument(name, default_value="", description=f"override {LAUNCH_ARGUMENTS[name][0]}'s "
+                                f"{LAUNCH_ARGUMENTS[name][1]} (empty: the YAML's)") for name in GRAPH_ARGUMENTS],
+        # Large images need a bigger Fast DDS shared-memory segment than the default 512 KB.
         SetEnvironmentVariable("FASTRTPS_DEFAULT_PROFILES_FILE",
                                os.environ.get("FASTRTPS_DEFAULT_PROFILES_FILE")
                                or os.path.join(share, "config", "fastdds.xml")),

@@ -1,5 +1,6 @@
 """Helpers for tests that run real ROS 2 nodes in separate processes and talk to them over DDS."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,12 @@ from theia_ros.nodes.environment import child_environment
 RELIABLE = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
 
 
+def log_prefix(name):
+    """A temporary file name prefix for a node's module or script path: its last part, only [A-Za-z0-9_-],
+    so the file lands in the temporary directory wherever the clone lives (dots or not in its path)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", os.path.basename(str(name)) or "node") + "_"
+
+
 class NodeProcess:
     """A node started as `python -m MODULE ARGS` (or `python SCRIPT.py ARGS`) in its own process.
 
@@ -25,7 +32,7 @@ class NodeProcess:
 
     def __init__(self, module, *args, env=None, name=None):
         self.name = name or module
-        self.log = tempfile.NamedTemporaryFile(prefix=f"{self.name.replace('.', '_')}_", suffix=".log", delete=False)
+        self.log = tempfile.NamedTemporaryFile(prefix=log_prefix(self.name), suffix=".log", delete=False)
         target = [module] if module.endswith(".py") else ["-m", module]
         cmd = [sys.executable, *target, *[str(a) for a in args]]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,

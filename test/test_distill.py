@@ -5,17 +5,14 @@ feature grids as the real ones, fewer channels), the student is theia-tiny, the 
 synthetic PNGs plus a small rosbag. Expensive runs are module fixtures shared by several tests.
 """
 import json
-import os
 import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conformance_weights import write_checkpoint
 from rosbags.rosbag2 import StoragePlugin, Writer
 
 from theia_ros.bags import io as bag_io
@@ -33,12 +30,7 @@ from theia_ros.weights import read_safetensors_header
 
 TEACHER_NAMES = ["clip", "dinov2"]
 STEPS = 12  # the straight run; the interrupted one stops at STEPS // 2 and resumes
-CONFORMANCE_TINY = "keys_theia-tiny-patch16-224-cddsv.tsv"
-
-
-def shared_dir() -> Path:
-    env = os.environ.get("THEIA_SHARED_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared"
+CONFORMANCE_TINY = "theia-tiny-patch16-224-cddsv"
 
 
 @pytest.fixture(autouse=True)
@@ -317,8 +309,7 @@ def test_cache_layout_and_undecodable_images(straight, data):
 
 def test_cli_fine_tune_with_lr_zero_keeps_patch_tokens(straight, data, tmp_path):
     init = tmp_path / "init"
-    subprocess.run([sys.executable, str(shared_dir() / "conformance" / "make_weights.py"),
-                    str(shared_dir() / "conformance" / CONFORMANCE_TINY), str(init), "--seed", "1"], check=True)
+    write_checkpoint(CONFORMANCE_TINY, init, seed=1)
     out = tmp_path / "ft"
     rc = main(["distill", "--images", str(data["images"]), "--bags", str(data["bag"]), "--teachers", *TEACHER_NAMES,
                "--small-teachers", "--init", str(init), "--out", str(out), "--steps", "2", "--batch", "2",

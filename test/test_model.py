@@ -1,9 +1,10 @@
 """Theia encoder core (theia_ros.encoder: config, checkpoint layout, hub, model): conformance, strict
 loading, errors, representations.
 
-Checkpoints are written once per session with the conformance tool
-(``<shared>/conformance/make_weights.py``); ``<shared>`` is ``$THEIA_SHARED_DIR`` or ``../shared``
-beside the repository. Base (and small-cddsv) checkpoints are checked without materialising
+Checkpoints are written once per session by the project's deterministic writer
+(``test/conformance_weights.py``) from the key lists in ``test/data/conformance`` (in the repository:
+a bare clone runs every test); the golden outputs there are the reference implementation's on the
+seed-2024 tiny checkpoint. Base (and small-cddsv) checkpoints are checked without materialising
 their weights: key/shape maps on the meta device and sparse header-only safetensors files.
 """
 import hashlib
@@ -11,13 +12,11 @@ import json
 import os
 import shutil
 import struct
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conformance_weights import CONFORMANCE_DIR, keys_file, read_keys, write_checkpoint
 
 from theia_ros.encoder.checkpoint import (
     checkpoint_key_to_module_key,
@@ -34,42 +33,20 @@ TINY = "theia-tiny-patch16-224-cddsv"
 GOLDEN_SEED = 2024
 
 
-def shared_dir() -> Path:
-    """The shared project folder holding conformance/ (env THEIA_SHARED_DIR, else ../shared)."""
-    env = os.environ.get("THEIA_SHARED_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared"
-
-
-def conformance_dir() -> Path:
-    path = shared_dir() / "conformance"
-    if not (path / "make_weights.py").is_file():
-        pytest.skip(f"conformance data not found in {path} (set THEIA_SHARED_DIR)")
-    return path
-
-
 def read_tsv(variant):
-    """key -> shape of a published checkpoint, in the reference order, and its parameter count."""
-    rows = {}
-    for line in (conformance_dir() / f"keys_{variant}.tsv").read_text().splitlines():
-        if not line.strip() or line.startswith("#") or line.startswith("key\t"):
-            continue
-        key, shape, _dtype = line.split("\t")
-        rows[key] = tuple(int(s) for s in shape.split("x"))
-    return rows
+    """key -> shape of a published checkpoint, in the reference order."""
+    return {key: shape for key, shape, _dtype in read_keys(keys_file(variant))}
 
 
 def make_weights(variant, out_dir, seed):
-    subprocess.run([sys.executable, str(conformance_dir() / "make_weights.py"),
-                    str(conformance_dir() / f"keys_{variant}.tsv"), str(out_dir), "--seed", str(seed)],
-                   check=True, capture_output=True)
-    return out_dir
+    return write_checkpoint(variant, out_dir, seed)
 
 
 # ---- session fixtures: each checkpoint written once ------------------------------------------
 
 @pytest.fixture(scope="session")
 def golden():
-    path = conformance_dir() / f"golden_{TINY}.npz"
+    path = CONFORMANCE_DIR / f"golden_{TINY}.npz"
     with np.load(path) as z:
         return {k: z[k] for k in z.files}
 
@@ -285,7 +262,7 @@ def test_expected_layout_matches_published_keys(variant):
     tsv = read_tsv(variant)
     expected = expected_checkpoint_shapes(variant)  # meta device: nothing allocated
     assert list(expected.items()) == list(tsv.items())
-    total = int(open(conformance_dir() / f"keys_{variant}.tsv").readline().split()[-2])
+    total = int(open(CONFORMANCE_DIR / f"keys_{variant}.tsv").readline().split()[-2])
     assert sum(int(np.prod(s)) for s in expected.values()) == total
 
 

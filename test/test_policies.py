@@ -111,8 +111,9 @@ def test_hold_latches_and_velocity_zeros():
     np.testing.assert_array_equal(vel.act(first), np.zeros(7))
     fixed = HoldPolicy(make_spec(joints=[]), ActionSpec(["a", "b"]), position={"b": 2.0, "a": 1.0})
     np.testing.assert_array_equal(fixed.act(random_observation(fixed.observation_spec)), [1.0, 2.0])
-    with pytest.raises(PolicyConfigError, match="not among the proprio joints"):
-        HoldPolicy(make_spec(joints=JOINTS[:3]), ActionSpec(JOINTS))
+    blind = HoldPolicy(make_spec(joints=JOINTS[:3]), ActionSpec(JOINTS))  # starts, but has nothing to hold
+    with pytest.raises(PolicyError, match=r"not among the proprio joints .*set the 'position' param"):
+        blind.act(random_observation(blind.observation_spec, 4))
 
 
 def test_act_validates_observation_and_clips():

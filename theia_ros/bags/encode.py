@@ -26,6 +26,7 @@ from theia_ros.bags.io import (
     DEFAULT_STORAGE,
     FEATURES_TYPE,
     IMAGE_TYPE,
+    BagCountError,
     BagError,
     BagReadError,
     check_output_format,
@@ -515,10 +516,14 @@ class _EncodeRun:
         if failure is not None:
             exc = failure.exc
             last = "" if failure.last_timestamp is None else f", last good timestamp {failure.last_timestamp} ns"
-            result.error = (f"input bag {self.input_path} is corrupt or truncated: reading stopped after "
-                            f"{failure.messages} messages{last} ({type(exc).__name__}: {exc}). The output "
-                            f"{output} is a valid bag with the {result.frames_total} frames encoded before "
-                            "that point (custom_data complete: false)")
+            if isinstance(exc, BagCountError):  # read to the end, but messages are missing
+                result.error = (f"{exc}. The output {output} is a valid bag with the {result.frames_total} frames "
+                                f"encoded from the {failure.messages} messages read (custom_data complete: false)")
+            else:
+                result.error = (f"input bag {self.input_path} is corrupt or truncated: reading stopped after "
+                                f"{failure.messages} messages{last} ({type(exc).__name__}: {exc}). The output "
+                                f"{output} is a valid bag with the {result.frames_total} frames encoded before "
+                                "that point (custom_data complete: false)")
             err = BagReadError(result.error)
             err.result = result
             raise err from exc

@@ -8,7 +8,15 @@ from pathlib import Path
 
 import numpy as np
 
-from theia_ros.bags.io import CUSTOM_DATA_KEY, FEATURES_TYPE, custom_data_of, deserialize, open_bag, storage_of
+from theia_ros.bags.io import (
+    CUSTOM_DATA_KEY,
+    FEATURES_TYPE,
+    BagCountError,
+    custom_data_of,
+    deserialize,
+    open_bag,
+    storage_of,
+)
 
 
 @dataclasses.dataclass
@@ -62,6 +70,8 @@ def inspect_bag(path, *, gaps=3) -> dict:
                     if stats[key].features is None:
                         stats[key].features = s
                     feature_variants[key].add(json.dumps(s, sort_keys=True))
+        except BagCountError as exc:  # every message was read: fewer than metadata.yaml counts
+            error = str(exc)
         except Exception as exc:
             error = f"corrupt or truncated bag: reading stopped ({type(exc).__name__}: {exc})" + (
                 f"; {error[len('corrupt or truncated bag: '):]}" if error else "")

@@ -1,10 +1,11 @@
 """Opening, reading and writing rosbag2 bags without ROS: the pieces every bag tool shares.
 
-Plain Python on top of the pure-Python `rosbags` library (sqlite3 and MCAP storage, rosbag2
-metadata versions 8 and 9), so it runs on a training server with no ROS installed.
+Plain Python on top of the pure-Python `rosbags` library (sqlite3 and MCAP storage; reads rosbag2
+metadata versions 1 to 9, writes 8 and 9), so it runs on a training server with no ROS installed.
 
-- :func:`open_bag`: ``with open_bag(path, salvage=...) as reader:`` a reader that closes itself,
-  falling back to :mod:`theia_ros.bags.salvage` for damaged bags when asked;
+- :func:`open_bag`: ``with open_bag(path, salvage=...) as reader:`` a reader that closes itself and
+  reads every message the storage holds (:class:`BagReader`), falling back to
+  :mod:`theia_ros.bags.salvage` for damaged bags when asked;
 - :func:`make_writer`, :func:`prepare_output`: a new output bag, never clobbering an input;
 - :func:`typestore`: the rosbags type store with the Jazzy types and this package's messages,
   :func:`ensure_connection_type` for types only the bag itself defines;
@@ -47,6 +48,17 @@ class BagError(RuntimeError):
 
 class BagReadError(BagError):
     """The input bag is corrupt or truncated (raised after the readable part was processed)."""
+
+
+class BagCountError(BagReadError):
+    """The storage of a bag held fewer messages of some topic than its metadata.yaml counts (raised by
+    :meth:`BagReader.messages` after the last message it found). `shortfalls`: topic -> (read, counted)."""
+
+    def __init__(self, path, shortfalls: dict):
+        self.shortfalls = dict(shortfalls)
+        parts = "; ".join(f"{topic}: {read} read, {counted} counted in metadata.yaml"
+                          for topic, (read, counted) in sorted(self.shortfalls.items()))
+        super().__init__(f"bag {path} holds fewer messages than its metadata.yaml counts ({parts})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,13 +136,17 @@ def decode_camera_message(raw, msgtype: str):
 
 @contextlib.contextmanager
 def open_bag(path, *, salvage=False):
-    """``with open_bag(path) as reader:`` an opened rosbags rosbag2 Reader for a bag directory, or a
-    single .mcap / .db3 file, closed when the block ends.
+    """``with open_bag(path) as reader:`` an opened reader of a bag directory (a :class:`BagReader`)
+    or of a single .mcap / .db3 file (a rosbags Reader), closed when the block ends.
 
-    Raises :class:`BagError` with a hint when `path` is not a readable bag. With `salvage`, a
-    damaged bag (truncated MCAP without footer, sqlite3 file with damaged pages, missing
-    metadata.yaml) is opened with a reader of :mod:`theia_ros.bags.salvage` instead, whose
-    ``salvage_reason`` says what is wrong; its messages end with an error where the damage starts.
+    Every message the storage holds is read, whatever the QoS profiles in metadata.yaml say (see
+    :class:`BagReader`); a topic with fewer messages in the storage than metadata.yaml counts ends
+    ``reader.messages()`` with :class:`BagCountError`.
+    Raises :class:`BagError` with a hint when `path` is not a readable bag, or when a topic is not
+    CDR-serialized. With `salvage`, a damaged bag (truncated MCAP without footer, sqlite3 file
+    with damaged pages, missing metadata.yaml) is opened with a reader of
+    :mod:`theia_ros.bags.salvage` instead, whose ``salvage_reason`` says what is wrong; its
+    messages end with an error where the damage starts.
     """
     reader = _open_reader(Path(path), salvage)
     try:
@@ -156,6 +172,8 @@ def _open_reader(path: Path, salvage: bool):
         if salvage:
             return _salvage(path, reason, None)
         raise BagError(f"{reason}; it holds {', '.join(files)}: pass that file itself")
+    if path.is_dir():
+        _check_serialization(path, _metadata_topics(path))
     try:
         reader = Reader(path)
         reader.open()
@@ -165,7 +183,135 @@ def _open_reader(path: Path, salvage: bool):
             return _salvage(path, reason, exc)
         raise BagReadError(f"{reason} (corrupt or truncated? `ros2 bag reindex` or `mcap recover` may repair "
                            "it)") from exc
+    if path.is_dir():
+        try:
+            return BagReader(path, reader)
+        except BaseException:
+            reader.close()
+            raise
+    try:
+        _check_serialization(path, [(c.topic, c.ext.serialization_format) for c in reader.connections])
+    except BagError:
+        reader.close()
+        raise
     return reader
+
+
+def _metadata_topics(path: Path) -> list:
+    """(topic, serialization format) of each topic in `path`/metadata.yaml; [] when unreadable (rosbags
+    then says what is wrong with it)."""
+    try:
+        import yaml
+
+        meta = yaml.safe_load((path / "metadata.yaml").read_text())["rosbag2_bagfile_information"]
+        return [(t["topic_metadata"]["name"], t["topic_metadata"]["serialization_format"])
+                for t in meta["topics_with_message_count"]]
+    except Exception:  # yaml errors, missing keys, wrong shapes
+        return []
+
+
+def _check_serialization(path, topics) -> None:
+    """BagError naming the serialization formats other than CDR (the only one rosbags deserializes)."""
+    foreign = {}
+    for topic, fmt in topics:
+        if fmt != "cdr":
+            foreign.setdefault(fmt, []).append(topic)
+    if foreign:
+        what = "; ".join(f"{fmt!r} (topic {', '.join(names)})" for fmt, names in foreign.items())
+        raise BagError(f"bag {path} uses an unsupported serialization format: {what}. Only 'cdr' messages can "
+                       "be deserialized here (rosbags reads no other); the bag is not damaged")
+
+
+class BagReader:
+    """Reader of a rosbag2 bag directory that yields every message of its storage files.
+
+    rosbags' own directory reader yields a topic's messages only when the QoS profiles (and type
+    hash) in metadata.yaml equal those stored in the storage file; rosbag2 writes bags where they
+    differ (other encodings of infinite deadline/lifespan durations, no QoS in the storage at all,
+    metadata versions before QoS existed), and such a bag reads as empty. This reader matches the
+    storage's connections to metadata.yaml's by topic and type only, keeps topics that only the
+    storage knows, and after the last message compares the per-topic counts it read with
+    metadata.yaml's ``topics_with_message_count``: a shortfall raises :class:`BagCountError`.
+
+    It offers what the bag tools use of a rosbags Reader (``connections``, ``messages()``,
+    ``close()``); anything else is the underlying rosbags Reader's (``reader.storage``...).
+    """
+
+    def __init__(self, path: Path, reader):
+        self.path = Path(path)
+        self._reader = reader
+        directory = reader.storage
+        self.storage_name = "mcap" if any("mcap" in type(s).__name__.lower() for s in directory.storages) else "sqlite3"
+        self.connections = list(directory.connections)  # metadata.yaml's, msgcount as counted there
+        self.expected_counts: dict[str, int] = {}
+        for c in self.connections:
+            self.expected_counts[c.topic] = self.expected_counts.get(c.topic, 0) + c.msgcount
+        # per storage file: storage connection id -> connection of self.connections
+        self._maps: list[dict] = []
+        extra: dict[tuple, object] = {}
+        for storage in directory.storages:
+            mapping = {}
+            for sc in storage.connections:
+                same = [c for c in self.connections if c.topic == sc.topic and c.msgtype == sc.msgtype]
+                conn = next((c for c in same if c.ext == sc.ext), same[0] if same else None)
+                if conn is None:  # a topic metadata.yaml does not list: read it too
+                    key = (sc.topic, sc.msgtype)
+                    if key not in extra:
+                        extra[key] = sc._replace(id=len(self.connections) + 1, owner=directory)
+                        self.connections.append(extra[key])
+                        log.info("%s: topic %s (%s) is in the storage but not in metadata.yaml", self.path,
+                                 sc.topic, sc.msgtype)
+                    conn = extra[key]
+                mapping[sc.id] = conn
+            self._maps.append(mapping)
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._reader, name)
+
+    def close(self):
+        self._reader.close()
+
+    def messages(self, connections=(), start=None, stop=None):
+        """(connection, bag timestamp ns, raw CDR) of every message of `connections` (all when empty),
+        storage file by storage file, each in time order; then the count check (without start/stop)."""
+        wanted = list(connections) or list(self.connections)
+        ids = {c.id for c in wanted}
+        directory = self._reader.storage
+        per_message = directory.metadata.compression_mode == "message"
+        read: dict[str, int] = {}
+        for storage, mapping in zip(directory.storages, self._maps):
+            conns = [sc for sc in storage.connections if mapping[sc.id].id in ids]
+            if not conns:
+                continue
+            for sc, timestamp, data in storage.messages(conns, start, stop):
+                conn = mapping[sc.id]
+                read[conn.topic] = read.get(conn.topic, 0) + 1
+                yield conn, timestamp, _zstd_decompress(data) if per_message else data
+        if start is None and stop is None:
+            self._check_counts({c.topic for c in wanted}, read)
+
+    def _check_counts(self, topics, read) -> None:
+        short = {}
+        for topic in topics:
+            counted, got = self.expected_counts.get(topic), read.get(topic, 0)
+            if counted is None:
+                continue
+            if got < counted:
+                short[topic] = (got, counted)
+            elif got > counted:
+                log.info("%s: %s has %d messages, metadata.yaml counts %d", self.path, topic, got, counted)
+        if short:
+            raise BagCountError(self.path, short)
+
+
+def _zstd_decompress(data):
+    try:
+        from compression import zstd  # Python 3.14
+    except ImportError:
+        from backports import zstd
+    return zstd.decompress(data)
 
 
 def _salvage(path, reason, exc):
@@ -177,6 +323,11 @@ def _salvage(path, reason, exc):
         raise BagReadError(f"{reason}; nothing readable in it either ({err})") from (exc or err)
     if reader is None or not reader.connections:
         raise BagReadError(f"{reason}; no topic could be recovered from it") from exc
+    try:
+        _check_serialization(path, [(c.topic, c.ext.serialization_format) for c in reader.connections])
+    except BagError:
+        reader.close()
+        raise
     reader.salvage_reason = reason
     log.warning("%s: reading what is readable (%s)", reason,
                 f"damage: {reader.damage}" if reader.damage else "file order")

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from theia_ros.bags.inspect import features_summary
-from theia_ros.bags.io import FEATURES_TYPE, BagError, deserialize, open_bag
+from theia_ros.bags.io import FEATURES_TYPE, BagCountError, BagError, deserialize, open_bag
 from theia_ros.commands import COMMAND_FORMATS
 from theia_ros.features import features_to_numpy
 from theia_ros.stamps import stamp_ns
@@ -103,6 +103,8 @@ def read_bag(path, *, features_topics=None, action_topic, action_type="auto", ac
         wanted = [c for t in set(ftopics) | {action_topic} | ({proprio_topic} if proprio_topic else set())
                   for c in by_topic[t]]
         stopped = streams.read(reader.messages(connections=wanted))
+    if isinstance(stopped, BagCountError):  # a whole bag that lacks messages: not a training set as recorded
+        raise TrainError(f"{stopped}; not training on it (metadata.yaml or the storage is wrong)") from stopped
     if stopped is not None:
         damaged = f"{damaged + '; ' if damaged else ''}reading stopped: {type(stopped).__name__}: {stopped}"
     if damaged:

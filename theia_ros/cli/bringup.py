@@ -1,18 +1,19 @@
 """`theia-ros bringup`: start the theia_ros graph from a ROS parameters YAML, without `ros2 launch`.
 
-Where ROS 2 is installed, `ros2 launch theia_ros theia_graph.launch.py` starts the same nodes from
-the same YAML. This command exists because `launch`/`launch_ros` are not on PyPI: it starts each
-node section of the YAML (`synthetic_camera`, `theia_encoder`, `theia_policy`) as its own process
-with `--ros-args --params-file`, watches /diagnostics, prints live rates and latencies, and stops
-everything cleanly after `--duration` seconds or on Ctrl-C, ending with a summary.
+Where ROS 2 is installed, `ros2 launch theia_ros theia_graph.launch.py params_file:=FILE` starts the
+same nodes with the same parameters: both read one description of the graph
+(theia_ros/nodes/graph_description.py). This command exists because `launch`/`launch_ros` are not
+on PyPI: it starts each node section of the YAML (`synthetic_camera`, `theia_sim`, `theia_encoder`,
+`theia_policy`) as its own process with `--ros-args --params-file`, watches /diagnostics, prints
+live rates and latencies, and stops everything cleanly after `--duration` seconds or on Ctrl-C,
+ending with a summary. `--set theia_policy.policy=NAME` swaps the policy as `policy:=NAME` does
+under launch (the YAML's policy_params and policy_checkpoint, written for its own policy, are
+dropped unless set too).
 """
 import json
-import signal
 import sys
 import time
 from pathlib import Path
-
-import yaml
 
 from theia_ros.resources import package_file
 
@@ -64,10 +65,21 @@ def summary(data) -> str:
     return "\n".join(lines)
 
 
+def bringup_params(path, sets=(), model=None) -> dict:
+    """The parameters bringup starts the graph with: the YAML at `path`, `--set` and `--model` applied
+    by the rules theia_graph.launch.py applies its arguments with."""
+    from theia_ros.nodes.graph_description import graph_params, load_params, parse_overrides
+
+    overrides = list(sets or [])
+    if model:
+        overrides.append(f"theia_encoder.model={model}")
+    return graph_params(load_params(path), parse_overrides(overrides))
+
+
 def run(args):
     # ROS is imported when the verb runs, not when the parser is built: `theia-ros` also serves machines without ROS
     from theia_ros.nodes.environment import use_package_fastdds_profile
-    from theia_ros.nodes.graph import Graph, apply_overrides
+    from theia_ros.nodes.graph import Graph
     from theia_ros.nodes.monitor import Monitor
 
     use_package_fastdds_profile()
@@ -75,17 +87,17 @@ def run(args):
     if path is None:
         print("bringup: give a parameters YAML or --demo", file=sys.stderr)
         return 2
-    params = yaml.safe_load(path.read_text()) or {}
-    overrides = list(args.set or [])
-    if args.model:
-        overrides.append(f"theia_encoder.model={args.model}")
-    apply_overrides(params, overrides)
+    try:
+        params = bringup_params(path, args.set, args.model)
+        graph = Graph(params)
+    except ValueError as exc:  # a bad --set, a section no node reads
+        print(f"bringup: {exc}", file=sys.stderr)
+        return 2
     model = params.get("theia_encoder", {}).get("ros__parameters", {}).get("model", "")
-    print(f"[bringup] starting {', '.join(params)} from {path}")
+    print(f"[bringup] starting {', '.join(node.section for node in graph.nodes)} from {path}")
     if str(model).startswith("random:"):
         print(f"[bringup] RANDOM WEIGHTS ({model}): a demo of the plumbing, not of Theia's features. "
               "Pass --model <checkpoint dir or hub id> for real weights.")
-    graph = Graph(params)
     monitor = Monitor(params)
     graph.start()
     start = time.monotonic()
@@ -110,7 +122,7 @@ def run(args):
     print(summary(data), flush=True)
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(data, indent=2))
-    bad = {k: v for k, v in codes.items() if v not in (0, -signal.SIGINT)}
+    bad = {k: v for k, v in codes.items() if v != 0}  # a node stopped by SIGINT exits 0
     if failed or bad:
         print(f"[bringup] exit codes: {codes}", file=sys.stderr)
         return 1

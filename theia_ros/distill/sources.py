@@ -160,17 +160,20 @@ class BagSource:
 
     def frames(self) -> List[Tuple[str, int, int]]:
         if self._frames is None:
-            from theia_ros.bags.io import open_bag
+            from theia_ros.bags.io import BagError, open_bag
 
-            with open_bag(self.path) as reader:
-                cams = self._camera_connections(reader)
-                count: Dict[str, int] = {}
-                frames = []
-                for conn, timestamp, _ in reader.messages(connections=cams):
-                    n = count.get(conn.topic, 0)
-                    count[conn.topic] = n + 1
-                    if n % self.stride == 0:
-                        frames.append((conn.topic, n, int(timestamp)))
+            try:
+                with open_bag(self.path) as reader:  # every message, checked against metadata.yaml's counts
+                    cams = self._camera_connections(reader)
+                    count: Dict[str, int] = {}
+                    frames = []
+                    for conn, timestamp, _ in reader.messages(connections=cams):
+                        n = count.get(conn.topic, 0)
+                        count[conn.topic] = n + 1
+                        if n % self.stride == 0:
+                            frames.append((conn.topic, n, int(timestamp)))
+            except BagError as exc:  # not a bag, damaged, messages missing: a bad input, like the others
+                raise ValueError(str(exc)) from exc
             self._frames = frames
         return self._frames
 

@@ -282,8 +282,9 @@ class TheiaSimNode(Node):
         self.diag_pub.publish(diagnostic_array(self, [status]))
 
     # ------------------------------------------------------------------ main loop
-    def run(self, executor):
-        """Step, render and publish on this thread until shutdown; callbacks run between steps."""
+    def run(self, executor, running=lambda: True):
+        """Step, render and publish on this thread until shutdown or running() is False; callbacks run
+        between steps."""
         sim, p = self.sim, self.params
         dt = sim.dt
         period = {"clock": 1.0 / p.clock_rate, "joints": 1.0 / p.joint_state_rate,
@@ -297,7 +298,7 @@ class TheiaSimNode(Node):
         next_diag = wall0 + p.diagnostics_period
         self._rtf_window = [(wall0, sim0)]
         rtf, timeout = p.real_time_factor, p.episode_timeout
-        while rclpy.ok(context=self.context):
+        while running() and rclpy.ok(context=self.context):
             event = min(due.values())
             now = time.monotonic()
             if rtf > 0:
@@ -326,7 +327,7 @@ class TheiaSimNode(Node):
 
 
 def main(argv=None):
-    return run_node(TheiaSimNode, argv, spin=lambda node, executor: node.run(executor),
+    return run_node(TheiaSimNode, argv, spin=lambda node, executor, running: node.run(executor, running),
                     on_exit=lambda node: node.sim.close())
 
 

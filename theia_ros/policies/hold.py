@@ -20,7 +20,8 @@ class HoldPolicy(Policy):
         row) at the first :meth:`act` after :meth:`reset` and keeps commanding it, so the robot
         cannot creep; False commands the newest measured position at every step.
 
-    Without `position`, position mode needs every commanded joint among the proprio joints.
+    Without `position`, position mode needs every commanded joint among the proprio joints to know what
+    to hold; without them every act is refused (nothing is commanded) and says why.
     """
 
     name = "hold"
@@ -52,11 +53,9 @@ class HoldPolicy(Policy):
             self._fixed = fixed
         else:
             joints = self.observation_spec.proprio_joints
-            missing = [j for j in a.joint_names if j not in joints]
-            if missing:
-                raise PolicyConfigError(f"hold: commanded joints {missing} are not among the proprio joints "
-                                        f"{joints}; add them or set the 'position' param")
-            self._index = np.array([joints.index(j) for j in a.joint_names])
+            self._unmeasured = [j for j in a.joint_names if j not in joints]
+            if not self._unmeasured:
+                self._index = np.array([joints.index(j) for j in a.joint_names])
         self._latched = None
 
     def reset(self) -> None:
@@ -65,6 +64,9 @@ class HoldPolicy(Policy):
     def _act(self, observation: Observation) -> np.ndarray:
         if self._fixed is not None:
             return self._fixed.copy()
+        if self._index is None:  # nothing known to hold (a graph without joint states): command nothing
+            raise PolicyError(f"hold: commanded joints {self._unmeasured} are not among the proprio joints "
+                              f"{self.observation_spec.proprio_joints}; add them or set the 'position' param")
         if self._latched is not None:
             return self._latched.copy()
         if observation.proprio is None:
