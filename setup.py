@@ -21,7 +21,7 @@ setup(
     ],
     python_requires=">=3.10",
     install_requires=["numpy", "ml_dtypes", "torch", "safetensors", "transformers", "huggingface_hub", "pyyaml",
-                      "opencv-python-headless"],
+                      "opencv-python-headless", "simplejpeg"],
     extras_require={
         "bags": ["rosbags", "tqdm", "matplotlib"],
         "onnx": ["onnx", "onnxruntime", "onnxscript"],

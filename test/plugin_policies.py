@@ -1,7 +1,7 @@
 """A policy living outside theia_ros, loaded by dotted path (`plugin_policies:SineOrNanPolicy`)."""
 import numpy as np
 
-from theia_ros.policies import Policy
+from theia_ros.policies import Policy, PolicyError
 
 
 class SineOrNanPolicy(Policy):
@@ -16,3 +16,24 @@ class SineOrNanPolicy(Policy):
         camera = self.observation_spec.cameras[0]
         value = self.params["offset"] + float(np.mean(observation.features[camera][-1]))
         return np.full(self.action_spec.dim, value)
+
+
+class LevelOrFaultPolicy(Policy):
+    """Commands mean(features) for every joint; a mean of -1 raises PolicyError (an action the node rejects),
+    -2 returns NaN past Policy.act's own check (so the node's safety filter is what refuses it)."""
+
+    name = "level_or_fault"
+
+    def _level(self, observation):
+        return float(np.mean(observation.features[self.observation_spec.cameras[0]][-1]))
+
+    def act(self, observation):
+        if np.isclose(self._level(observation), -2.0):
+            return np.full(self.action_spec.dim, np.nan)
+        return super().act(observation)
+
+    def _act(self, observation):
+        level = self._level(observation)
+        if np.isclose(level, -1.0):
+            raise PolicyError("level_or_fault: asked to fail")
+        return np.full(self.action_spec.dim, level)

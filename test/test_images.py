@@ -3,6 +3,7 @@ once per frame before any pixel is converted or decoded, and message_to_rgb on b
 import array
 import types
 import warnings
+import zlib
 
 import cv2
 import numpy as np
@@ -186,17 +187,21 @@ def _jpeg_with_declared_size(width, height):
 
 
 def _png_with_declared_size(width, height):
-    """A real png whose IHDR then claims width x height (its CRC no longer matches: a decoder would refuse it)."""
+    """A real png whose IHDR then claims width x height (with its CRC recomputed: only the size is wrong)."""
     data = bytearray(encode(rng_image(48, 64), ".png"))
     data[16:24] = int(width).to_bytes(4, "big") + int(height).to_bytes(4, "big")
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
     return bytes(data)
 
 
 @pytest.fixture
 def no_decoding(monkeypatch):
-    """cv2.imdecode replaced by a recorder: any decode attempt is seen."""
+    """The decoders (OpenCV's for png, simplejpeg's for jpeg) replaced by a recorder: any decode attempt is seen."""
+    import simplejpeg
+
     calls = []
     monkeypatch.setattr(cv2, "imdecode", lambda *args: calls.append(args))
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", lambda *args, **kwargs: calls.append(args))
     return calls
 
 

@@ -1,5 +1,5 @@
 """Checkpoint files, plain Python: file hashing, the safetensors header, strict key/shape
-comparison, and the one CheckpointError for Theia checkpoints and policy weights."""
+comparison, the finiteness check, and the one CheckpointError for Theia checkpoints and policy weights."""
 from __future__ import annotations
 
 import hashlib
@@ -107,6 +107,26 @@ def check_checkpoint_shapes(expected: Mapping[str, Tuple[int, ...]], found: Mapp
     problems = shape_mismatches(expected, found)
     if problems:
         raise CheckpointError(f"{where} does not match the expected Theia layout: " + "; ".join(problems))
+
+
+def check_finite(name: str, tensor, where: str = "checkpoint") -> None:
+    """CheckpointError naming tensor ``name`` (a torch tensor) when it holds NaN or +-Inf: such a
+    checkpoint would publish NaN features. One pass over the values, cheap next to reading them."""
+    import torch
+
+    if not tensor.is_floating_point():
+        return
+    # a NaN or an Inf makes the sum non-finite (one fast reduction); a sum that overflows from finite
+    # values only sends the tensor to the exact check below
+    if bool(tensor.sum(dtype=torch.float32 if tensor.element_size() < 4 else None).isfinite()):
+        return
+    finite = tensor.isfinite()
+    if bool(finite.all()):
+        return
+    nan, bad = int(tensor.isnan().sum()), int((~finite).sum())
+    shape = "x".join(map(str, tensor.shape)) or "scalar"
+    raise CheckpointError(f"{where}: tensor {name!r} ({shape}) holds {nan} NaN and {bad - nan} infinite "
+                          "value(s); refusing to load it")
 
 
 _HASH_CACHE: Dict[tuple, str] = {}

@@ -14,6 +14,10 @@ reboot).  A slot holds the engine file(s) and ``meta.json``, a sidecar with
   overwritten file is *corrupt* and rebuilt);
 * ``validation``: the cosine to fp32 torch measured when the engine was built.
 
+The hashes catch a damaged file, not one altered on purpose with the sidecar rewritten to match:
+the backends therefore run the accuracy gate (backends.validation) on every engine they load from
+here too, and rebuild one that fails it.
+
 The sidecar is written last, so a build that dies half way leaves no loadable entry; a per-slot
 lock file keeps two processes from building the same engine at once.
 """

@@ -26,7 +26,9 @@ The argument names used here are checked against the signatures recorded from th
 (2.8, 2.10, 2.13, 2.14: ``scripts/record_trt_signatures.py``, ``test/data``).
 
 Engines are specific to the GPU model and the TensorRT version: both are part of the cache
-sidecar, and a mismatch rebuilds the engine (see backends.cache).
+sidecar, and a mismatch rebuilds the engine (see backends.cache).  An engine loaded from the cache
+passes the same validation gate before its first frame (an engine altered on disk, its sidecar
+rewritten to match, is caught there and rebuilt).
 """
 from __future__ import annotations
 
@@ -291,7 +293,7 @@ class TensorRTBackend(InferenceBackend):
 
     def __init__(self, model, representation="tokens", precision="fp16", device="cuda", max_batch=4,
                  opt_batch=None, fp16_mode="explicit", optimization_level=None, workspace_size=None,
-                 tf32=False, graph="model", fp32_acc="auto", cache_dir=None, rebuild=False, validate="build"):
+                 tf32=False, graph="model", fp32_acc="auto", cache_dir=None, rebuild=False):
         super().__init__(model, representation, precision, device, max_batch)
         if precision not in _DTYPES:
             raise BackendError(f"tensorrt backend: unknown precision {precision!r}; use fp32, fp16 or bf16")
@@ -305,8 +307,6 @@ class TensorRTBackend(InferenceBackend):
             raise BackendError(f"tensorrt backend: fp32_acc must be one of {FP32_ACC_MODES}, got {fp32_acc!r}")
         if graph not in ("model", "lean"):
             raise BackendError(f"tensorrt backend: graph must be 'model' or 'lean', got {graph!r}")
-        if validate not in ("build", "always"):
-            raise BackendError(f"tensorrt backend: validate must be 'build' or 'always', got {validate!r}")
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.trt = import_torch_tensorrt()
@@ -323,22 +323,25 @@ class TensorRTBackend(InferenceBackend):
         result = cache.get_or_build("tensorrt", self.key, self.environment, self._build, root=cache_dir,
                                     rebuild=rebuild)
         self.engine_path = result.directory / ENGINE_FILE
+        self.validation_cosine = result.meta.get("validation", {}).get("cosine")
         try:
             self.module = self._built_module if self._built_module is not None else self._load()
-        except Exception as exc:  # broad on purpose: an engine TensorRT refuses: rebuild it once
-            log.warning("tensorrt engine %s does not load (%s: %s): rebuilding", self.engine_path,
+            if result.status == "hit":  # a built engine passed the gate in _build; a cached one passes it now
+                start = time.perf_counter()
+                self.validation_cosine = self._validate(self.module)
+                log.info("tensorrt engine loaded from cache without rebuilding, accuracy gate passed "
+                         "(cosine %.6f, %.0f ms): %s", self.validation_cosine, (time.perf_counter() - start) * 1e3,
+                         self.engine_path)
+        except Exception as exc:  # broad on purpose: an engine TensorRT refuses, or one failing the gate
+            log.warning("tensorrt engine %s from the cache cannot be used (%s: %s): rebuilding", self.engine_path,
                         type(exc).__name__, exc)
             result = cache.get_or_build("tensorrt", self.key, self.environment, self._build, root=cache_dir,
                                         rebuild=True)
             self.module = self._built_module
+            self.validation_cosine = result.meta.get("validation", {}).get("cosine")
         self._built_module = None
         self.cache = result
-        self.validation_cosine = result.meta.get("validation", {}).get("cosine")
         self.fp32_acc_used = result.meta.get("fp32_acc_used", False)
-        if result.status == "hit":
-            log.info("tensorrt engine loaded from cache without rebuilding: %s", self.engine_path)
-            if validate == "always":
-                self.validation_cosine = self._validate(self.module)
 
     @property
     def identity(self):

@@ -35,6 +35,7 @@ from theia_ros.weights import (
     FLOAT_DTYPES,
     CheckpointError,
     check_checkpoint_shapes,
+    check_finite,
     file_sha256,
     names_listing,
     read_safetensors_header,
@@ -344,9 +345,12 @@ def _random_tensor(key: str, shape: Tuple[int, ...], seed: int, index: int) -> n
 def _materialise(model: TheiaModel, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype,
                  device) -> TheiaModel:
     state = {}
+    dtype_name = str(dtype).replace("torch.", "")
     for key, tensor in tensors.items():
         module_key = checkpoint_key_to_module_key(key, model.teachers)
         state[module_key] = tensor.to(dtype=dtype)
+        # NaN / Inf in the file, or a value too large for ``dtype``: refused, never published as features
+        check_finite(key, state[module_key], where=f"checkpoint {model.model_id} (as {dtype_name})")
     model.load_state_dict(state, strict=True, assign=True)
     left = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:  # every tensor must come from the checkpoint

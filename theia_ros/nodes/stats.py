@@ -67,6 +67,64 @@ class SequenceGapCounter:
         return gap
 
 
+class ArrivalAccounting:
+    """Where the frames one publisher sent to a depth-1 subscription went, told apart honestly.
+
+    A subscription of depth 1 keeps only the newest sample in its DDS reader: while the executor is
+    busy (an inference), newer frames replace older ones there before any callback sees them. The
+    publication sequence numbers of the frames the callback does take then show gaps, and a gap
+    alone cannot say whether the missing frames reached this process or not. DDS can: its
+    "sample lost" status (rclpy's message_lost event) counts samples that never reached the reader
+    (lost in transport, or dropped by the writer before sending). So, per camera:
+
+    * ``taken``: frames the callback took;
+    * ``lost``: frames that never arrived (DDS's count), when the middleware reports it;
+    * ``replaced_in_reader``: sequence gaps minus ``lost``: frames that arrived while the node was
+      busy and were replaced by a newer one in the reader before the callback could take them;
+    * ``arrived``: ``taken + replaced_in_reader``, every frame that reached this process.
+
+    Without the event (a middleware that does not report lost samples) every gap counts as lost:
+    an upper bound, as before. Assumes one publisher per topic (sequence numbers are per writer).
+    """
+
+    def __init__(self, reports_lost=True):
+        self.sequence = SequenceGapCounter()
+        self.taken = 0
+        self.gaps = 0
+        self.reports_lost = reports_lost  # False: the middleware does not report lost samples
+        self.lost_reported = 0  # the current subscription's count
+        self.lost_before = 0  # earlier subscriptions' (a lifecycle node re-activated)
+
+    def new_subscription(self):
+        """A new subscription (re-activation): DDS counts from 0 again, and frames published while
+        there was none were not sent to this node (no gap)."""
+        self.lost_before += self.lost_reported
+        self.lost_reported = 0
+        self.sequence = SequenceGapCounter()
+
+    def took(self, sequence):
+        """A frame taken by the callback, with its publication sequence number (None if unknown)."""
+        self.taken += 1
+        self.gaps += self.sequence.observe(sequence)
+
+    def message_lost(self, total_count):
+        """DDS's running count of samples that never reached the reader (the message_lost event)."""
+        self.lost_reported = int(total_count)
+
+    @property
+    def lost(self):
+        return self.lost_before + self.lost_reported if self.reports_lost else self.gaps
+
+    @property
+    def replaced_in_reader(self):
+        # the event can be handled just before the callback that shows the same gap: never negative
+        return max(0, self.gaps - self.lost) if self.reports_lost else 0
+
+    @property
+    def arrived(self):
+        return self.taken + self.replaced_in_reader
+
+
 class StageStats:
     """Per-stage latency windows, counters and rates for one source (a camera, a node)."""
 

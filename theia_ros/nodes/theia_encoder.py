@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray
+from rclpy.event_handler import SubscriptionEventCallbacks, UnsupportedEventTypeError
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from sensor_msgs.msg import CompressedImage, Image
 
@@ -28,7 +29,7 @@ from theia_ros.nodes.feature_image import tokens_to_rgb
 from theia_ros.nodes.parameters import Param, declare_parameters, read_parameters
 from theia_ros.nodes.qos import qos_profile
 from theia_ros.nodes.runtime import forward_python_logging, run_node
-from theia_ros.nodes.stats import LogThrottle, SequenceGapCounter, StageStats
+from theia_ros.nodes.stats import ArrivalAccounting, LogThrottle, StageStats
 from theia_ros.nodes.sync import FrameSynchronizer
 from theia_ros.preprocess import PreprocessConfig
 from theia_ros.representations import REPRESENTATIONS
@@ -106,7 +107,8 @@ class _Camera:
         self.features_pub = None
         self.debug_pub = None
         self.pending = None  # (msg, receive time)
-        self.sequence = SequenceGapCounter()
+        self.arrivals = ArrivalAccounting()  # taken, replaced in the DDS reader, lost before arriving
+        self.superseded_in_node = 0  # taken, then replaced by a newer frame before an inference was free
         self.stats = StageStats(CAMERA_STAGES, CAMERA_COUNTERS, ("input", "output"))
         self.last_debug = 0.0
 
@@ -191,9 +193,7 @@ class TheiaEncoderNode(LifecycleNode):
         self._process_guard = self.create_guard_condition(self._process_pending)
         for cam in self.cameras.values():
             topic = f"{cam.name}/image_raw" + ("/compressed" if compressed else "")
-            cam.subscription = self.create_subscription(
-                CompressedImage if compressed else Image, topic,
-                lambda msg, info, cam=cam: self._on_image(cam, msg, info), qos)
+            cam.subscription = self._subscribe_camera(cam, CompressedImage if compressed else Image, topic, qos)
         self.diag_timer = self.create_timer(self.params.diagnostics_period, self._publish_diagnostics)
         self.get_logger().info(f"{self._random_tag()}active: reading "
                                + ", ".join(c.subscription.topic_name for c in self.cameras.values()))
@@ -235,16 +235,41 @@ class TheiaEncoderNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     # ------------------------------------------------------------------ per frame
+    def _subscribe_camera(self, cam, msg_type, topic, qos):
+        """The camera's subscription, with DDS's count of samples that never reached it (message_lost),
+        which tells frames lost on the way from frames replaced in the reader while the node was busy."""
+        def on_image(msg, info):
+            self._on_image(cam, msg, info)
+
+        cam.arrivals.new_subscription()
+        events = SubscriptionEventCallbacks(message_lost=lambda status: cam.arrivals.message_lost(status.total_count))
+        try:
+            return self.create_subscription(msg_type, topic, on_image, qos, event_callbacks=events)
+        except UnsupportedEventTypeError:
+            cam.arrivals.reports_lost = False
+            self.get_logger().warning(f"{cam.name}: this middleware does not report lost samples: dropped_lost "
+                                      "counts every sequence gap, frames replaced while the node was busy included")
+            return self.create_subscription(msg_type, topic, on_image, qos)
+
     def _on_image(self, cam, msg, info):
         """Keep only the newest frame; the encoding runs from the guard condition."""
-        stats = cam.stats
-        stats.counts["frames_in"] += 1
-        stats.rates["input"].tick()
-        stats.counts["dropped_lost"] += cam.sequence.observe(info.get("publication_sequence_number"))
+        cam.stats.rates["input"].tick()
+        cam.arrivals.took(info.get("publication_sequence_number"))
         if cam.pending is not None:
-            stats.counts["dropped_superseded"] += 1
+            cam.superseded_in_node += 1
         cam.pending = (msg, time.perf_counter())
         self._process_guard.trigger()
+
+    @staticmethod
+    def _count_arrivals(cam):
+        """frames_in: every frame that reached the process; dropped_superseded: those skipped because the
+        node was busy (replaced in the DDS reader or in the node's pending slot); dropped_lost: those that
+        never arrived. frames_in = frames_out + dropped_superseded + rejected_bad_input + dropped_unmatched
+        + errors (+ the one pending)."""
+        counts, arrivals = cam.stats.counts, cam.arrivals
+        counts["frames_in"] = arrivals.arrived
+        counts["dropped_superseded"] = cam.superseded_in_node + arrivals.replaced_in_reader
+        counts["dropped_lost"] = arrivals.lost
 
     def _process_pending(self):
         ready = [cam for cam in self.cameras.values() if cam.pending is not None]
@@ -357,6 +382,7 @@ class TheiaEncoderNode(LifecycleNode):
                                       message="RANDOM WEIGHTS: features mean nothing" if random else "running",
                                       values={**self.encoder.backend.identity, **self.node_stats.summary()})]
         for cam in self.cameras.values():
+            self._count_arrivals(cam)
             summary = cam.stats.summary()
             bad = summary["rejected_bad_input"] + summary["errors"]
             statuses.append(diagnostic_status(f"{self.get_name()}: camera {cam.name}", cam.name,

@@ -6,11 +6,18 @@ from `policy_checkpoint`. This node only assembles observations, runs the policy
 timer, and passes every action through the safety filter:
 
 - no command before the first valid observation;
-- non-finite actions rejected, positions clamped to joint limits, steps to max_velocity;
+- non-finite actions rejected, positions clamped to joint limits, each step to max_velocity / rate
+  (also the first step after a stale period or a pause, from the last command sent);
 - a watchdog: observations older than `max_observation_age` (the encoder or a camera stalled, or
   the encoder process died) stop the commands (`on_stale: stop`) or hold the last one (`hold`);
-  they resume when fresh observations return;
-- `~/enable` (std_srvs/SetBool) switches commanding on and off.
+  they resume when fresh observations return. The age is never less than the time since the
+  newest messages arrived (by this node's clock, the one the watchdog reads), and features or joint
+  states stamped more than `max_future_stamp` ahead of it are refused (counted, logged), so a clock
+  running ahead cannot keep a stalled stream looking fresh;
+- `~/enable` (std_srvs/SetBool) switches commanding on and off;
+- velocity mode: every way commanding ends (watchdog, ~/enable false, shutdown, a rejected action,
+  the safety filter refusing one) first publishes zero velocity for every commanded joint, once: a
+  forward velocity controller has no command timeout and would keep the last velocity.
 """
 import sys
 import time
@@ -19,6 +26,7 @@ from types import SimpleNamespace
 import numpy as np
 import yaml
 from diagnostic_msgs.msg import DiagnosticArray
+from rclpy.duration import Duration
 from rclpy.node import Node
 from sensor_msgs.msg import JointState
 from std_srvs.srv import SetBool
@@ -32,7 +40,8 @@ from theia_ros.nodes.qos import qos_profile
 from theia_ros.nodes.runtime import message_class, run_node
 from theia_ros.nodes.stats import LatencyWindow, LogThrottle, RateMeter
 from theia_ros.policies import ObservationBuffer, ObservationError, PolicyError, make_policy
-from theia_ros.policies.safety import CommandFilter
+from theia_ros.policies.buffer import FutureStampError, check_not_ahead
+from theia_ros.policies.safety import CommandFilter, step_dt
 from theia_ros.resources import resolve_package_path
 from theia_ros.stamps import stamp_seconds
 
@@ -65,12 +74,16 @@ POLICY_PARAMETERS = (
           float_range=(0.0, 60.0)),
     Param("joint_lower", NO_LIMITS, "Lower joint limits (empty or [0.0] placeholder: the policy's own)."),
     Param("joint_upper", NO_LIMITS, "Upper joint limits (empty or [0.0] placeholder: the policy's own)."),
-    Param("max_velocity", 0.0, "Largest joint speed (rad/s or m/s) a command may ask for; 0: no limit.",
-          float_range=(0.0, 1000.0)),
-    Param("max_observation_age", 0.5, "Watchdog: observations older than this (s) stop the commands.",
-          float_range=(0.001, 60.0)),
-    Param("on_stale", "stop", "Watchdog action: stop (send nothing) or hold (repeat the last position; zero "
-          "velocity).", choices=("stop", "hold")),
+    Param("max_velocity", 0.0, "Largest joint speed (rad/s or m/s) a command may ask for: velocities clamped to "
+          "it, position steps to max_velocity / rate (also the first step after a stale period or a pause); "
+          "0: no limit.", float_range=(0.0, 1000.0)),
+    Param("max_observation_age", 0.5, "Watchdog: observations older than this (s), by stamp or by arrival, stop "
+          "the commands.", float_range=(0.001, 60.0)),
+    Param("max_future_stamp", 0.1, "Features or joint states stamped more than this (s) ahead of this node's clock "
+          "are refused (counted as future_stamps, logged) and the stream treated as stale.",
+          float_range=(0.0, 60.0)),
+    Param("on_stale", "stop", "Watchdog action: stop (send nothing more; in velocity mode one zero velocity "
+          "first) or hold (repeat the last position; zero velocity).", choices=("stop", "hold")),
     Param("max_camera_skew", 0.05, "Largest stamp difference between cameras of one observation (s).",
           float_range=(0.0, 10.0)),
     Param("proprio_tolerance", 0.1, "Largest stamp difference between frame and joint state (s).",
@@ -122,7 +135,8 @@ class TheiaPolicyNode(Node):
         if command_format.name == "ee_delta_pose" and action.dim != EE_DELTA_DIM:
             raise ValueError(f"ee_delta_pose needs a 6-value action [dx, dy, dz, droll, dpitch, dyaw]; the policy "
                              f"outputs {action.dim} ({action.joint_names})")
-        self.buffer = ObservationBuffer(spec, max_skew=p.max_camera_skew, proprio_tolerance=p.proprio_tolerance)
+        self.buffer = ObservationBuffer(spec, max_skew=p.max_camera_skew, proprio_tolerance=p.proprio_tolerance,
+                                        max_future_stamp=p.max_future_stamp)
         self.safety = CommandFilter(action.joint_names, p.joint_lower or action.lower, p.joint_upper or action.upper,
                                     max_velocity=p.max_velocity, mode=action.mode)
         self.enabled = p.enabled_on_start
@@ -130,9 +144,10 @@ class TheiaPolicyNode(Node):
         self.last_command_time = None
         self.measured = {}
         self.stale = True
+        self.moving = False  # velocity mode: a command was sent and no zero velocity since
         self.random_features = False
         self.counts = {"commands": 0, "observation_errors": 0, "rejected_actions": 0, "stale_ticks": 0,
-                       "bad_messages": 0}
+                       "bad_messages": 0, "future_stamps": 0, "zero_velocity_stops": 0}
         self.act_latency = LatencyWindow()
         self.command_rate = RateMeter()
         self._throttle = LogThrottle(period=2.0)
@@ -186,7 +201,13 @@ class TheiaPolicyNode(Node):
         if suffix is not None:
             self.get_logger().warning(f"{self._tag()}{text}{suffix}")
 
+    def _on_future_stamp(self, source, exc):
+        self.counts["future_stamps"] += 1
+        hint = " (use_sim_time and no /clock received yet?)" if self.get_clock().now().nanoseconds == 0 else ""
+        self._warn(("future", source), f"refused {source}: {exc}{hint}")
+
     def _on_features(self, camera, msg):
+        arrival = self._now()  # on the clock the watchdog reads (sim time under use_sim_time)
         try:
             array = features_to_numpy(msg)
             if msg.random_weights and not self.random_features:
@@ -194,7 +215,9 @@ class TheiaPolicyNode(Node):
                 self.get_logger().warning(f"[RANDOM WEIGHTS] features on {camera} come from random weights "
                                           f"({msg.weights_id}): actions are meaningless")
             self.buffer.push_features(camera, stamp_seconds(msg.header.stamp), array,
-                                      representation=msg.representation, model_id=msg.model_id)
+                                      representation=msg.representation, model_id=msg.model_id, arrival=arrival)
+        except FutureStampError as exc:
+            self._on_future_stamp(f"features from {camera}", exc)
         except (FeaturesFormatError, ObservationError) as exc:
             self.counts["bad_messages"] += 1
             self._warn(("features", camera, type(exc).__name__), f"dropped features from {camera}: {exc}")
@@ -205,13 +228,18 @@ class TheiaPolicyNode(Node):
                 self._on_features(features.camera, features)
 
     def _on_joint_state(self, msg):
+        arrival = self._now()
         try:
             if len(msg.position) != len(msg.name):
                 raise ObservationError(f"joint_states has {len(msg.name)} names but {len(msg.position)} positions")
-            self.measured.update(zip(msg.name, msg.position))
+            stamp = stamp_seconds(msg.header.stamp)
+            check_not_ahead(stamp, arrival, self.params.max_future_stamp, "joint state")  # refused before any use
             if self.policy.observation_spec.proprio_joints:
-                self.buffer.push_joint_state(stamp_seconds(msg.header.stamp), list(msg.name), list(msg.position),
-                                             list(msg.velocity) or None)
+                self.buffer.push_joint_state(stamp, list(msg.name), list(msg.position), list(msg.velocity) or None,
+                                             arrival=arrival)
+            self.measured.update(zip(msg.name, msg.position))
+        except FutureStampError as exc:
+            self._on_future_stamp("joint_states", exc)
         except (ObservationError, ValueError) as exc:
             self.counts["bad_messages"] += 1
             self._warn(("joint_states",), f"dropped joint_states: {exc}")
@@ -220,6 +248,8 @@ class TheiaPolicyNode(Node):
         if request.data and not self.enabled:
             self.policy.reset()
             self.last_command = None
+        if not request.data:
+            self.stop_motion("disabled")
         self.enabled = bool(request.data)
         response.success = True
         response.message = "commanding enabled" if self.enabled else "commanding disabled"
@@ -255,6 +285,7 @@ class TheiaPolicyNode(Node):
         except (PolicyError, ObservationError, ValueError) as exc:
             self.counts["rejected_actions"] += 1
             self._warn(("act", type(exc).__name__), f"action rejected, nothing sent: {exc}")
+            self.stop_motion("action rejected")
             return
         finally:
             self.act_latency.add(time.perf_counter() - t0)
@@ -263,14 +294,15 @@ class TheiaPolicyNode(Node):
             joints = self.policy.action_spec.joint_names
             if all(j in self.measured for j in joints):
                 previous = np.array([self.measured[j] for j in joints])
-        dt = None if self.last_command_time is None else now - self.last_command_time
-        if previous is not None and dt is None:
-            dt = 1.0 / self.params.rate
+        # at most one command period: after a stale period the first step is one period's, not the gap's
+        dt = step_dt(self.last_command_time, now, 1.0 / self.params.rate)
         command = self.safety.filter(action, previous, dt)
         if command is None:
             self.counts["rejected_actions"] += 1
             self._warn(("unsafe",), f"action {np.asarray(action).tolist()} rejected by the safety filter")
+            self.stop_motion("action refused by the safety filter")
             return
+        self.moving = self.policy.action_spec.mode == "velocity"  # set first: a stop signal may end this callback
         self._send(command)
         self.last_command, self.last_command_time = command, now
 
@@ -284,8 +316,30 @@ class TheiaPolicyNode(Node):
         if self.params.on_stale == "hold" and self.last_command is not None:
             if self.policy.action_spec.mode == "velocity":
                 self._send(np.zeros_like(self.last_command))
+                self.moving = False
             else:
                 self._send(self.last_command)
+        else:
+            self.stop_motion("watchdog")
+
+    def stop_motion(self, why):
+        """Velocity mode: zero velocity for every commanded joint, once, when commanding ends (a forward
+        velocity controller has no command timeout: the joints would keep the last velocity). Position
+        mode: nothing (the last position holds)."""
+        if not self.moving:
+            return
+        self._send(np.zeros(self.policy.action_spec.dim))
+        self.moving = False  # after the send: a stop signal ending this callback first leaves it to on_shutdown
+        self.counts["zero_velocity_stops"] += 1
+        suffix = self._throttle(("zero velocity", why))
+        if suffix is not None:
+            self.get_logger().info(f"{why}: zero velocity sent to {list(self.policy.action_spec.joint_names)}{suffix}")
+
+    def on_shutdown(self):
+        """run_node's last call while the context is valid: zero velocity (velocity mode), delivered."""
+        if self.moving:
+            self.stop_motion("shutdown")
+            self.command_pub.wait_for_all_acked(Duration(seconds=1.0))
 
     def _send(self, command):
         self.command_pub.publish(self._build_command([float(v) for v in command]))
@@ -311,7 +365,7 @@ class TheiaPolicyNode(Node):
 
 
 def main(argv=None):
-    return run_node(TheiaPolicyNode, argv)
+    return run_node(TheiaPolicyNode, argv, on_shutdown=lambda node: node.on_shutdown())
 
 
 if __name__ == "__main__":

@@ -5,6 +5,12 @@ and each joint state message; the buffer checks every message against the policy
 :class:`~theia_ros.policies.specs.ObservationSpec` as it arrives (shape, dtype, finite values,
 increasing stamps) and builds aligned observations from what it kept, which
 :meth:`~theia_ros.policies.policy.Policy.act` then trusts.
+
+Clocks: a message may also say when it arrived (``arrival``, on the receiver's clock, the one its
+watchdog reads). Then :meth:`ObservationBuffer.age` is never less than the time since the newest
+complete set arrived, whatever the stamps say (a camera whose clock runs ahead cannot keep a stalled
+stream looking fresh), and a stamp further ahead of its arrival than ``max_future_stamp`` is refused
+(:class:`FutureStampError`) before it leaves any trace.
 """
 from __future__ import annotations
 
@@ -16,6 +22,18 @@ import numpy as np
 
 from theia_ros.policies.errors import ObservationError
 from theia_ros.policies.specs import Observation, ObservationSpec, check_finite
+
+
+class FutureStampError(ObservationError):
+    """A message stamped further ahead of the receiver's clock than the buffer tolerates."""
+
+
+def check_not_ahead(stamp: float, arrival: float, tolerance: float | None, what: str) -> None:
+    """Raise :class:`FutureStampError` when `stamp` lies more than `tolerance` seconds after `arrival`
+    (None: any stamp is accepted)."""
+    if tolerance is not None and stamp - arrival > tolerance:
+        raise FutureStampError(f"{what} stamped t={stamp:.6f}, {stamp - arrival:.3f} s ahead of the receiver's clock "
+                               f"(max_future_stamp {tolerance:g} s): treated as not received")
 
 
 class ObservationBuffer:
@@ -35,13 +53,20 @@ class ObservationBuffer:
     lie within `proprio_tolerance`. Positions are re-ordered by name to ``proprio_joints``.
     History frames are consecutive received frames (no temporal resampling).
 
+    Arrival (the ``arrival`` argument of the push methods, seconds on the receiver's clock; default:
+    the stamp itself): :meth:`age` is the larger of the stamp age and the arrival age, and a stamp more
+    than `max_future_stamp` seconds (None: no limit) ahead of its arrival is refused.
+
     Not thread-safe: guard it with a lock if callbacks run concurrently.
     """
 
     def __init__(self, spec: ObservationSpec, *, max_skew: float = 0.05, proprio_tolerance: float = 0.05,
-                 frame_capacity: int | None = None, joint_capacity: int = 1000):
+                 frame_capacity: int | None = None, joint_capacity: int = 1000, max_future_stamp: float | None = None):
         if max_skew < 0 or proprio_tolerance < 0:
             raise ValueError("max_skew and proprio_tolerance must be >= 0")
+        if max_future_stamp is not None and max_future_stamp < 0:
+            raise ValueError("max_future_stamp must be >= 0 (or None)")
+        self.max_future_stamp = None if max_future_stamp is None else float(max_future_stamp)
         self.spec = spec
         self.max_skew = float(max_skew)
         self.proprio_tolerance = float(proprio_tolerance)
@@ -60,6 +85,7 @@ class ObservationBuffer:
     def clear(self) -> None:
         """Forget everything (call it after a clock jump, e.g. a bag replay restarting)."""
         self._frames: dict[str, deque] = {c: deque(maxlen=self._frame_capacity) for c in self._cams}
+        self._arrived = {c: -math.inf for c in self._cams}  # arrival of each camera's newest frame
         n = len(self._joints)
         self._j_stamps = np.full(self._joint_capacity, np.nan)
         self._j_pos = np.full((self._joint_capacity, n), np.nan)
@@ -67,18 +93,21 @@ class ObservationBuffer:
         self._j_count = 0
         self._j_seen = np.zeros(n, dtype=bool)
         self._j_newest = np.full(n, -math.inf)  # per joint
+        self._j_arrived = np.full(n, -math.inf)  # per joint: arrival of its newest state
         self._other_joint_names: set[str] = set()
 
     # ---- input
 
     def push_features(self, camera: str, stamp: float, array, *, representation: str | None = None,
-                      model_id: str | None = None) -> None:
+                      model_id: str | None = None, arrival: float | None = None) -> None:
         """Add one camera's features (copied as float32). `representation` and `model_id`, when
-        given (from the message), are checked against the spec."""
+        given (from the message), are checked against the spec; `arrival`: when it arrived (see the class)."""
         spec = self.spec
         if camera not in self._frames:
             raise ObservationError(f"unknown camera {camera!r}; the policy observes {self._cams}")
         stamp = _check_stamp(stamp)
+        arrival = stamp if arrival is None else _check_stamp(arrival)
+        check_not_ahead(stamp, arrival, self.max_future_stamp, f"camera {camera!r}: features")
         if representation is not None and representation != spec.representation:
             raise ObservationError(
                 f"camera {camera!r}: representation {representation!r}, the policy needs {spec.representation!r}")
@@ -99,11 +128,16 @@ class ObservationBuffer:
                 f"camera {camera!r}: stamp {stamp:.6f} is not newer than the previous frame's "
                 f"{frames[-1][0]:.6f} (call clear() after a clock jump)")
         frames.append((stamp, x))
+        self._arrived[camera] = arrival
 
-    def push_joint_state(self, stamp: float, names: Sequence[str], positions, velocities=None) -> None:
+    def push_joint_state(self, stamp: float, names: Sequence[str], positions, velocities=None, *,
+                         arrival: float | None = None) -> None:
         """Add one joint state message. Only ``spec.proprio_joints`` are kept (positions);
-        `velocities` may be empty or None, else its length must match `names`."""
+        `velocities` may be empty or None, else its length must match `names`; `arrival`: when it
+        arrived (see the class)."""
         stamp = _check_stamp(stamp)
+        arrival = stamp if arrival is None else _check_stamp(arrival)
+        check_not_ahead(stamp, arrival, self.max_future_stamp, "joint state")
         names = list(names)
         pos = np.asarray(positions, dtype=np.float64).reshape(-1)
         if len(names) != pos.size:
@@ -135,6 +169,7 @@ class ObservationBuffer:
         self._j_count = min(self._j_count + 1, self._joint_capacity)
         self._j_seen |= present
         self._j_newest[present] = np.maximum(self._j_newest[present], stamp)
+        self._j_arrived[present] = np.maximum(self._j_arrived[present], arrival)
 
     # ---- state
 
@@ -151,10 +186,20 @@ class ObservationBuffer:
             stamps.append(float(self._j_newest.min()))
         return min(stamps)
 
+    def newest_arrival(self) -> float:
+        """When the newest complete set arrived: the oldest of the arrivals of each camera's newest
+        frame and each proprio joint's newest state (-inf while anything is missing)."""
+        arrivals = list(self._arrived.values())
+        if self._joints:
+            arrivals.append(float(self._j_arrived.min()))
+        return min(arrivals)
+
     def age(self, now: float) -> float:
-        """Seconds from :meth:`newest_stamp` to `now` (inf while anything is missing): for a
-        watchdog that stops the robot when a camera or the joint states stall."""
-        return float(now) - self.newest_stamp()
+        """Seconds from the newest complete set to `now` (inf while anything is missing): the larger of
+        the age by stamp (:meth:`newest_stamp`) and the age by arrival (:meth:`newest_arrival`), for a
+        watchdog that stops the robot when a camera or the joint states stall, whatever their clocks say."""
+        now = float(now)
+        return max(now - self.newest_stamp(), now - self.newest_arrival())
 
     # ---- output
 

@@ -2,11 +2,23 @@
 
 Every action passes through `CommandFilter.filter()` before it reaches a robot: non-finite actions
 are rejected (nothing is sent), positions are clamped to the joint limits, and each step's change
-is clamped to `max_velocity * dt`. The filter counts what it did, for diagnostics.
+is clamped to `max_velocity * dt`. The filter counts what it did, for diagnostics. :func:`step_dt` is the
+dt to pass: the time since the last command, never more than one command period, so the first command
+after a stale period or a pause steps as far as one period allows, not as far as the whole gap would.
 """
 import collections
 
 import numpy as np
+
+
+def step_dt(last_time, now, period):
+    """Seconds the next step may cover: `now - last_time`, at most `period` (one command period); one period
+    when nothing was commanded yet (`last_time` None: the step from the measured position) or when the clock
+    went back."""
+    if last_time is None:
+        return float(period)
+    dt = float(now) - float(last_time)
+    return dt if 0.0 < dt < period else float(period)
 
 
 class CommandFilter:
@@ -30,7 +42,7 @@ class CommandFilter:
         """The safe command for `action`, or None when it must not be sent.
 
         previous: the last command sent (or the measured position before the first one), for the
-        velocity limit in position mode; dt: seconds since it.
+        velocity limit in position mode; dt: seconds the step may cover (:func:`step_dt`; 0: no change).
         """
         action = np.asarray(action, dtype=np.float64).reshape(-1)
         if action.shape != (len(self.joint_names),):
@@ -45,9 +57,9 @@ class CommandFilter:
             if not np.array_equal(limited, command):
                 self.counts["clamped_velocity"] += 1
             command = limited
-        if self.mode == "position" and self.max_velocity is not None and previous is not None and dt:
+        if self.mode == "position" and self.max_velocity is not None and previous is not None and dt is not None:
             previous = np.asarray(previous, dtype=np.float64)
-            step = self.max_velocity * dt
+            step = self.max_velocity * max(float(dt), 0.0)
             limited = np.clip(command, previous - step, previous + step)
             if not np.array_equal(limited, command):
                 self.counts["clamped_velocity"] += 1
