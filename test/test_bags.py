@@ -146,7 +146,7 @@ def test_encode_bag_matches_the_encoder_and_copies_other_topics(tmp_path, capsys
     msgs, conns, meta = read_bag(out)
     assert meta["version"] == 9 and meta["storage_identifier"] == out_storage
     assert conns["/front/features"].msgtype == bag_io.FEATURES_TYPE
-    assert conns["/front/features"].digest == "RIHS01_799f6c33f15fbbbf14e6dbb692e114f84655f0ead515a84b58df7bc909545ad8"
+    assert conns["/front/features"].digest == "RIHS01_c236b66e3130f6ed48d3dbc0386d5a3735f119fa492b5d18634df8f727dc276b"
     info = json.loads(meta["custom_data"][bag_io.CUSTOM_DATA_KEY])
     assert info["complete"] and info["random_weights"] and info["frames"] == 11 and info["bad_frames"] == 1
     for cam in ("front", "wrist"):
@@ -336,7 +336,9 @@ def _features_cdr(t_ns, array, camera="front"):
 
     shape, code, data = encode_array(np.asarray(array, np.float32))
     return ser(T["Features"](header=header(t_ns, camera), camera=camera, model_id="fake", representation="tokens",
-                             weights_id="fake:0", random_weights=False, shape=np.asarray(shape, np.uint32),
+                             weights_id="fake:0", random_weights=False, preprocessing="", pos_interpolation="",
+                             input_size=np.zeros(0, np.uint32), patch_grid=np.zeros(0, np.uint32),
+                             shape=np.asarray(shape, np.uint32),
                              dtype=code, data=np.frombuffer(data, np.uint8)), bag_io.FEATURES_TYPE)
 
 

@@ -82,8 +82,9 @@ def _features(t_ns, k):
     shape, code, data = encode_array(np.full((4, 8), k, np.float32))
     return _ser(_types()[bag_io.FEATURES_TYPE](
         header=_header(t_ns, "cam"), camera="cam", model_id="fake", representation="tokens", weights_id="fake:0",
-        random_weights=False, shape=np.asarray(shape, np.uint32), dtype=code, data=np.frombuffer(data, np.uint8)),
-        bag_io.FEATURES_TYPE)
+        random_weights=False, preprocessing="", pos_interpolation="", input_size=np.zeros(0, np.uint32),
+        patch_grid=np.zeros(0, np.uint32), shape=np.asarray(shape, np.uint32), dtype=code,
+        data=np.frombuffer(data, np.uint8)), bag_io.FEATURES_TYPE)
 
 
 def _command(k):

@@ -5,8 +5,14 @@ same fields (e.g. messages deserialised by the `rosbags` library on a machine wi
 
 Wire format: `data` holds the tensor's bytes, little-endian, C order; `shape` and `dtype` say how
 to read them. Reading never copies: the returned array is a read-only view of the message buffer.
+
+Each message also says how its image became the model's input (`preprocessing`, `pos_interpolation`,
+`input_size`, `patch_grid`; empty in messages from before those fields: the reference preprocessing at
+224x224). :func:`preprocessing_of` reads them as a :class:`Preprocessing`, whose
+:meth:`~Preprocessing.mismatch` tells whether features fit a policy trained on other features.
 """
 import array
+import dataclasses
 import math
 import sys
 
@@ -34,8 +40,105 @@ MAX_RANK = 8
 _UINT32_MAX = 2**32 - 1
 
 
+# Preprocessing profiles and position-embedding interpolations: the values of Features.preprocessing and
+# Features.pos_interpolation, the same names as theia_ros.preprocess.PROFILES and POS_INTERPOLATIONS (repeated
+# here so that reading messages needs no torch; test/test_isaaclab_graph.py checks that they agree).
+PREPROCESSING_PROFILES = ("theia", "isaaclab")
+POS_INTERPOLATIONS = ("scale_factor", "size")
+DEFAULT_PREPROCESSING = "theia"
+DEFAULT_POS_INTERPOLATION = "scale_factor"
+REFERENCE_INPUT_SIZE = (224, 224)  # the theia profile's input without a size of its own
+REFERENCE_GRID = (14, 14)
+PATCH_SIZE = 16
+
+
 class FeaturesFormatError(ValueError):
     """A features message whose shape, dtype and data do not agree."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """How images became the model's input: what a features message records and a policy was trained on.
+
+    profile: "theia" (the reference: resize, [-1, 1]) or "isaaclab" (Isaac Lab: ImageNet mean/std).
+    input_size: (height, width) the model saw; None: not known (an Isaac Lab profile at the camera's
+        own resolution, for a policy that does not record it).
+    pos_interpolation: "scale_factor" (transformers <= 4.44) or "size" (>= 4.45): how the position
+        embeddings reach a patch grid other than 14x14.
+    """
+
+    profile: str = DEFAULT_PREPROCESSING
+    input_size: tuple | None = REFERENCE_INPUT_SIZE
+    pos_interpolation: str = DEFAULT_POS_INTERPOLATION
+
+    def __post_init__(self):
+        if self.profile not in PREPROCESSING_PROFILES:
+            raise ValueError(f"preprocessing must be one of {', '.join(PREPROCESSING_PROFILES)}, got {self.profile!r}")
+        if self.pos_interpolation not in POS_INTERPOLATIONS:
+            raise ValueError(f"pos_interpolation must be one of {', '.join(POS_INTERPOLATIONS)}, got "
+                             f"{self.pos_interpolation!r}")
+        if self.input_size is not None:
+            object.__setattr__(self, "input_size", check_input_size(self.input_size))
+
+    @property
+    def patch_grid(self):
+        """(rows, cols) of patch tokens, None when the input size is not known."""
+        if self.input_size is None:
+            return None
+        return self.input_size[0] // PATCH_SIZE, self.input_size[1] // PATCH_SIZE
+
+    @property
+    def interpolates(self) -> bool:
+        """True when the position embeddings are interpolated, so that pos_interpolation changes the tokens:
+        every input but a square one with the 14x14 grid (transformers returns the embeddings unchanged then)."""
+        if self.input_size is None:
+            return True
+        height, width = self.input_size
+        return not (height == width and self.patch_grid == REFERENCE_GRID)
+
+    def describe(self) -> str:
+        """e.g. 'isaaclab at 120x160 (pos_interpolation scale_factor)', 'theia at 224x224'."""
+        size = "the camera's resolution" if self.input_size is None else "x".join(map(str, self.input_size))
+        text = f"{self.profile} at {size}"
+        return text + (f" (pos_interpolation {self.pos_interpolation})" if self.interpolates else "")
+
+    def mismatch(self, seen: "Preprocessing"):
+        """None when features preprocessed as `seen` are what a policy trained on `self` (this) expects;
+        otherwise why not, naming both. An input size not known on either side is not compared; the
+        interpolation only where it changes the tokens."""
+        same = (seen.profile == self.profile
+                and (seen.input_size is None or self.input_size is None or seen.input_size == self.input_size)
+                and (seen.pos_interpolation == self.pos_interpolation or not (seen.interpolates
+                                                                                and self.interpolates)))
+        if same:
+            return None
+        return (f"features preprocessed {seen.describe()}, but the policy was trained on features preprocessed "
+                f"{self.describe()}")
+
+
+def check_input_size(size) -> tuple:
+    """(height, width) as two ints of at least one patch (16 pixels); ValueError otherwise."""
+    try:
+        height, width = (int(v) for v in size)
+    except (TypeError, ValueError):
+        raise ValueError(f"input size must be two integers [height, width], got {size!r}") from None
+    if height < PATCH_SIZE or width < PATCH_SIZE:
+        raise ValueError(f"input size {height}x{width} is smaller than one {PATCH_SIZE}x{PATCH_SIZE} patch")
+    return height, width
+
+
+def preprocessing_of(msg) -> Preprocessing:
+    """The :class:`Preprocessing` a Features message records; a message without those fields (or with
+    them empty: written before they existed) records the reference, "theia" at 224x224.
+    FeaturesFormatError for values that are none of the known ones."""
+    profile = getattr(msg, "preprocessing", "") or DEFAULT_PREPROCESSING
+    size = [int(v) for v in getattr(msg, "input_size", ())]
+    if not size:
+        size = REFERENCE_INPUT_SIZE if profile == DEFAULT_PREPROCESSING else None
+    try:
+        return Preprocessing(profile, size, getattr(msg, "pos_interpolation", "") or DEFAULT_POS_INTERPOLATION)
+    except ValueError as exc:  # values no encoder of this package writes
+        raise FeaturesFormatError(f"features message: {exc}") from None
 
 
 def dtype_code(dtype):
@@ -131,8 +234,14 @@ def decode_torch(shape, dtype, data):
 
 
 def to_features_msg(tensor, msg=None, *, header=None, camera="", model_id="", representation="tokens",
-                    weights_id="", random_weights=False, dtype=None):
-    """Fill a `theia_ros/Features` message (a new one when `msg` is None) with `tensor` and metadata."""
+                    weights_id="", random_weights=False, dtype=None, preprocessing="", pos_interpolation="",
+                    input_size=None, patch_grid=None):
+    """Fill a `theia_ros/Features` message (a new one when `msg` is None) with `tensor` and metadata.
+
+    `preprocessing`, `pos_interpolation`, `input_size` ([height, width] the model saw) and `patch_grid`
+    (default: input_size // 16) say how the image became the model's input; left empty they mean the
+    reference ("theia" at 224x224), as in messages from before those fields.
+    """
     if msg is None:
         from theia_ros.msg import Features
 
@@ -145,6 +254,13 @@ def to_features_msg(tensor, msg=None, *, header=None, camera="", model_id="", re
     msg.representation = representation
     msg.weights_id = weights_id
     msg.random_weights = bool(random_weights)
+    msg.preprocessing = preprocessing
+    msg.pos_interpolation = pos_interpolation
+    size = [] if input_size is None else [int(v) for v in input_size]
+    if patch_grid is None:
+        patch_grid = [v // PATCH_SIZE for v in size]
+    msg.input_size = size
+    msg.patch_grid = [int(v) for v in patch_grid]
     msg.shape = shape
     msg.dtype = code
     msg.data = data

@@ -5,8 +5,8 @@ Layout: ``<root>/<backend>/<slot>/`` where ``root`` is ``$THEIA_ROS_CACHE`` or
 reboot).  A slot holds the engine file(s) and ``meta.json``, a sidecar with
 
 * ``key``: what the engine computes (backend, weights digest, variant, representation or
-  teacher, precision, batch range, build options).  Its digest is part of the slot name, so a
-  different checkpoint or precision lands in a different slot;
+  teacher, precision, batch range, input size, build options).  Its digest is part of the slot
+  name, so a different checkpoint, precision or input size lands in a different slot;
 * ``environment``: what the engine was built with and for (GPU name and compute capability,
   TensorRT / torch-tensorrt / torch versions ...).  A mismatch makes the engine *stale* (other
   software versions) or *foreign* (other GPU) and it is rebuilt in place;
@@ -69,9 +69,12 @@ def _slug(text, limit=40) -> str:
 
 
 def slot_name(key: Mapping) -> str:
-    """Readable, unique directory name of a key: variant, output, precision, batch range, digest."""
+    """Readable, unique directory name of a key: variant, output, precision, batch range, input size
+    (when the key has one), digest."""
     parts = [key.get("variant", "model"), key.get("representation", ""), key.get("precision", ""),
              "b{}-{}".format(*key["batch"]) if isinstance(key.get("batch"), (list, tuple)) else key.get("batch", "")]
+    if isinstance(key.get("input_size"), (list, tuple)):
+        parts.append("{}x{}".format(*key["input_size"]))
     return "_".join(_slug(p) for p in parts if p != "") + "_" + key_digest(key)
 
 

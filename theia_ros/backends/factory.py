@@ -15,6 +15,11 @@ Auto's order (first that can be built wins; a failure to build or validate falls
   - fp16: no fast fp16 on CPUs: the fp32 order above.
 The precision auto actually uses is never below the one asked for in accuracy terms except
 bf16 -> bf16; asking fp16 on a CPU gives fp32.
+
+Input sizes: a backend is built for one ``input_size`` (height, width; default 224x224) and
+``pos_interpolation``; engines take that size only.  create_encoder hands FeatureEncoder a factory
+that builds the same kind of backend (same engine, precision, device and options as the first,
+auto's choice included) for every further input size its frames need.
 """
 from __future__ import annotations
 
@@ -31,8 +36,11 @@ from theia_ros.encoder.pipeline import FeatureEncoder
 log = logging.getLogger("theia_ros.backends")
 
 
-def create_backend(name, model, representation="tokens", precision="fp32", device="cpu", max_batch=4, **options):
-    """Build a backend by name (one of encoder.config.BACKEND_CHOICES).
+def create_backend(name, model, representation="tokens", precision="fp32", device="cpu", max_batch=4,
+                   input_size=None, pos_interpolation="scale_factor", **options):
+    """Build a backend by name (one of encoder.config.BACKEND_CHOICES) for pixels of ``input_size``
+    (height, width; None: 224x224) with position embeddings interpolated as ``pos_interpolation``
+    says ("scale_factor" or "size"; see encoder.model.interpolate_position_embeddings).
 
     * "torch": eager PyTorch on the CPU or CUDA (fp32, bf16; fp16 on CUDA), optional torch.compile;
     * "onnxruntime": ONNX Runtime on the CPU (fp32), ONNX graph exported once and cached;
@@ -49,10 +57,12 @@ def create_backend(name, model, representation="tokens", precision="fp32", devic
     if unknown:
         raise BackendError(f"unknown backend option(s) {', '.join(sorted(unknown))}")
     if name == "auto":
-        return create_auto_backend(model, representation, precision, device, max_batch, **options)
+        return create_auto_backend(model, representation, precision, device, max_batch, input_size=input_size,
+                                   pos_interpolation=pos_interpolation, **options)
     if device in (None, "", "auto"):  # auto picks its own; the others need a device
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return classes[name](model, representation, precision, device, max_batch, **options_for(classes[name], options))
+    return classes[name](model, representation, precision, device, max_batch, input_size=input_size,
+                         pos_interpolation=pos_interpolation, **options_for(classes[name], options))
 
 
 def _accepted(cls) -> set:
@@ -118,7 +128,8 @@ def plan(device, precision, caps):
     return fp32
 
 
-def create_auto_backend(model, representation="tokens", precision="fp32", device="auto", max_batch=4, **options):
+def create_auto_backend(model, representation="tokens", precision="fp32", device="auto", max_batch=4,
+                        input_size=None, pos_interpolation="scale_factor", **options):
     """The first candidate of :func:`plan` on this machine that builds and passes its accuracy gate."""
     candidates = plan(device, precision, _capabilities())
     classes = backend_classes()
@@ -126,7 +137,8 @@ def create_auto_backend(model, representation="tokens", precision="fp32", device
     for name, prec, dev, why in candidates:
         cls = classes[name]
         try:
-            backend = cls(model, representation, prec, dev, max_batch, **options_for(cls, options))
+            backend = cls(model, representation, prec, dev, max_batch, input_size=input_size,
+                          pos_interpolation=pos_interpolation, **options_for(cls, options))
         except BackendError as exc:
             failures.append(f"{name} {prec} on {dev}: {exc}")
             log.warning("auto backend: %s %s on %s not usable (%s); trying the next", name, prec, dev, exc)
@@ -139,10 +151,33 @@ def create_auto_backend(model, representation="tokens", precision="fp32", device
 
 def create_encoder(source, *, seed=None, backend="torch", precision=ENCODER_DEFAULTS["precision"], device="cpu",
                    max_batch=ENCODER_DEFAULTS["max_batch"], representation=ENCODER_DEFAULTS["representation"],
-                   output_dtype=ENCODER_DEFAULTS["output_dtype"], **backend_options) -> FeatureEncoder:
+                   output_dtype=ENCODER_DEFAULTS["output_dtype"], input_size=None, pos_interpolation="scale_factor",
+                   **backend_options) -> FeatureEncoder:
     """Load checkpoint ``source`` and build its backend into a FeatureEncoder. backend and device default
-    to eager torch on the CPU, the reference engine; the node and the CLI pass ENCODER_DEFAULTS' "auto"."""
+    to eager torch on the CPU, the reference engine; the node and the CLI pass ENCODER_DEFAULTS' "auto".
+
+    ``input_size`` / ``pos_interpolation``: what the first backend is built for (default 224x224);
+    frames needing other sizes get backends of the same kind on first use (or up front with
+    ``FeatureEncoder.prepare``)."""
     model = load_model(source, device="cpu", seed=seed)
     engine = create_backend(backend, model, representation=representation, precision=precision, device=device,
-                            max_batch=max_batch, **backend_options)
-    return FeatureEncoder(model, engine, output_dtype)
+                            max_batch=max_batch, input_size=input_size, pos_interpolation=pos_interpolation,
+                            **backend_options)
+    return FeatureEncoder(model, engine, output_dtype, backend_factory=sibling_factory(engine, backend_options))
+
+
+def sibling_factory(engine, options):
+    """A function (input_size, pos_interpolation) -> a backend of ``engine``'s kind (name, precision,
+    device, max_batch, options) for that input size: what FeatureEncoder builds further sizes with."""
+    model, representation = engine.model, engine.representation
+    name, precision, device, max_batch = engine.name, engine.precision, str(engine.device), engine.max_batch
+    options = dict(options)
+
+    def build(input_size, pos_interpolation):
+        log.info("building a %s %s backend for %dx%d inputs (pos_interpolation %s)", name, precision,
+                 input_size[0], input_size[1], pos_interpolation)
+        return create_backend(name, model, representation=representation, precision=precision, device=device,
+                              max_batch=max_batch, input_size=input_size, pos_interpolation=pos_interpolation,
+                              **options)
+
+    return build

@@ -10,6 +10,10 @@ as transformers' ViTModel computes it, plus the lconv heads), fewer and larger o
   export (``onnx_attention=True``), a custom op that the exporter writes as ONNX Runtime's fused
   ``com.microsoft.MultiHeadAttention`` kernel.
 
+Any input size, as the model: position embeddings interpolated to the patch grid (encoder.model.
+interpolate_position_embeddings); with ``input_size`` given, the graph takes that size only and holds
+the interpolated embeddings as a constant (what exported engines use).
+
 Backends check it against the model itself on the validation input (cosine >= 0.9999 in fp32),
 so a drift between this file and the model cannot go unnoticed.
 """
@@ -19,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from theia_ros.encoder.model import check_pos_interpolation, interpolate_position_embeddings
 from theia_ros.representations import check_representation, is_teacher, select_representation, teacher_of
 
 
@@ -94,31 +99,56 @@ class _LeanLayer(nn.Module):
 
 
 class LeanTheia(nn.Module):
-    """pixels [B, 3, 224, 224] -> one representation (or one teacher's map), like
-    ``model.export_module(representation)`` but restated for speed (see module docstring)."""
+    """pixels [B, 3, H, W] -> one representation (or one teacher's map), like
+    ``model.export_module(representation)`` but restated for speed (see module docstring).
+    ``input_size`` (height, width): take that size only, its position embeddings precomputed."""
 
-    def __init__(self, model, representation="tokens", onnx_attention=False):
+    def __init__(self, model, representation="tokens", onnx_attention=False, input_size=None,
+                 pos_interpolation="scale_factor"):
         super().__init__()
         bb = model.backbone
         emb = bb.embeddings
+        check_pos_interpolation(pos_interpolation)
         self.representation = representation
         self.onnx_attention = onnx_attention
         self.grid = model.grid
+        self.patch_size = model.spec.patch_size
+        self.pos_interpolation = pos_interpolation
         self.patch = emb.patch_embeddings.projection
         self.cls_token, self.position_embeddings = emb.cls_token, emb.position_embeddings
+        self.input_size = None if input_size is None else (int(input_size[0]), int(input_size[1]))
+        fixed = None
+        if self.input_size is not None:
+            with torch.no_grad():
+                fixed = model.position_embeddings_for(*self.input_size, pos_interpolation).detach().clone()
+        self.register_buffer("fixed_position_embeddings", fixed, persistent=False)
         num_heads = model.spec.num_heads
         self.layers = nn.ModuleList(_LeanLayer(layer, num_heads) for layer in bb.layers)
         self.norm = bb.layernorm
         self.head = None
         if is_teacher(representation):
             self.head = model.heads[model.head_name(teacher_of(representation))]
+            if self.input_size is not None:
+                model.check_teacher_input(*self.input_size)
         else:
             check_representation(representation)
 
     def forward(self, pixels):
-        batch = pixels.shape[0]
-        x = self.patch(pixels).flatten(2).transpose(1, 2)                     # [B, 196, C]
-        x = torch.cat([self.cls_token.expand(batch, -1, -1), x], dim=1) + self.position_embeddings
+        batch, _, height, width = pixels.shape
+        if self.input_size is not None:
+            if (height, width) != self.input_size:
+                raise ValueError(f"this graph takes {self.input_size[0]}x{self.input_size[1]} pixels (height x "
+                                 f"width), got {tuple(pixels.shape)}")
+            position_embeddings = self.fixed_position_embeddings
+        else:
+            if self.head is not None and (height, width) != (self.grid * self.patch_size,) * 2:
+                raise ValueError(f"the teacher heads take {self.grid * self.patch_size}x{self.grid * self.patch_size} "
+                                 f"inputs only, got {height}x{width} (height x width)")
+            position_embeddings = interpolate_position_embeddings(self.position_embeddings, height, width,
+                                                                  self.pos_interpolation, self.patch_size)
+        grid = (height // self.patch_size, width // self.patch_size)
+        x = self.patch(pixels).flatten(2).transpose(1, 2)                     # [B, rows * columns, C]
+        x = torch.cat([self.cls_token.expand(batch, -1, -1), x], dim=1) + position_embeddings
         seq, dim = x.shape[1], x.shape[2]
         x = x.reshape(batch * seq, dim)
         for layer in self.layers:
@@ -126,4 +156,4 @@ class LeanTheia(nn.Module):
         tokens = self.norm(x).view(batch, seq, dim)
         if self.head is not None:
             return self.head(tokens[:, 1:])
-        return select_representation(tokens, self.representation, self.grid)
+        return select_representation(tokens, self.representation, grid)

@@ -9,6 +9,11 @@ its sidecar rewritten to match, is caught there and rebuilt; the gate costs one 
 graph and of eager torch: 0.15 s for theia-tiny on one thread).  Sessions never spin their threads
 ("session.intra_op.allow_spinning" = "0"): spinning ORT threads slow down torch code running next
 to them in the same process.
+
+Input size: a graph is exported for one spatial size (``input_size``, default 224x224) with its
+position embeddings interpolated once, as a constant; the cache key names the size and the
+position-embedding convention (sizes other than 224x224 only, so 224x224 engines cached before keep
+their key), so graphs for several sizes coexist in one cache.
 """
 from __future__ import annotations
 
@@ -22,7 +27,14 @@ import time
 import torch
 
 from theia_ros.backends import cache
-from theia_ros.backends.base import BackendError, InferenceBackend, canonical_representation, export_module
+from theia_ros.backends.base import (
+    DEFAULT_INPUT_SIZE,
+    BackendError,
+    InferenceBackend,
+    canonical_representation,
+    engine_size_fields,
+    export_module,
+)
 
 log = logging.getLogger("theia_ros.backends")
 
@@ -47,8 +59,10 @@ def _versions() -> dict:
     return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
-def engine_key(model, representation, precision="fp32", fuse=True, graph="lean") -> dict:
+def engine_key(model, representation, precision="fp32", fuse=True, graph="lean", input_size=DEFAULT_INPUT_SIZE,
+               pos_interpolation="scale_factor") -> dict:
     return {
+        **engine_size_fields(input_size, pos_interpolation),
         "backend": "onnxruntime",
         "variant": model.variant,
         "weights_id": model.weights_id,
@@ -103,21 +117,25 @@ def quiet_exporters():
             logging.getLogger(name).setLevel(level)
 
 
-def export_onnx(model, representation, path, example_batch=2, graph="lean"):
+def export_onnx(model, representation, path, example_batch=2, graph="lean", input_size=DEFAULT_INPUT_SIZE,
+                pos_interpolation="scale_factor"):
     """torch.onnx export (opset 18, dynamic batch 1..64) of ``representation`` to ``path``
-    (weights in ``path + '.data'``).  ``graph``: "lean" (backends.lean: packed qkv, 2-D GEMMs,
-    ONNX Runtime's fused MultiHeadAttention) or "model" (the model's own modules, standard ONNX
-    ops only).  Returns the seconds it took."""
+    (weights in ``path + '.data'``), for pixels of ``input_size`` (height, width) only.  ``graph``:
+    "lean" (backends.lean: packed qkv, 2-D GEMMs, ONNX Runtime's fused MultiHeadAttention) or
+    "model" (the model's own modules, standard ONNX ops only).  Returns the seconds it took."""
     table = None
+    height, width = (int(v) for v in input_size)
     if graph == "lean":
         from theia_ros.backends.lean import LeanTheia, onnx_translation_table
 
-        module, table = LeanTheia(model, representation, onnx_attention=True).eval(), onnx_translation_table()
+        module = LeanTheia(model, representation, onnx_attention=True, input_size=(height, width),
+                           pos_interpolation=pos_interpolation).eval()
+        table = onnx_translation_table()
     elif graph == "model":
-        module = export_module(model, representation).eval()
+        module = export_module(model, representation, (height, width), pos_interpolation).eval()
     else:
         raise BackendError(f"onnxruntime backend: graph must be 'lean' or 'model', got {graph!r}")
-    example = torch.zeros(example_batch, 3, 224, 224)
+    example = torch.zeros(example_batch, 3, height, width)
     batch = torch.export.Dim("batch", min=1, max=MAX_ONNX_BATCH)
     start = time.perf_counter()
     with quiet_exporters(), torch.inference_mode(False), torch.no_grad():
@@ -158,8 +176,8 @@ class OnnxRuntimeBackend(InferenceBackend):
 
     def __init__(self, model, representation="tokens", precision="fp32", device="cpu", max_batch=4,
                  threads=None, graph_optimization="all", fuse=True, graph="lean", cache_dir=None,
-                 rebuild=False):
-        super().__init__(model, representation, precision, device, max_batch)
+                 rebuild=False, input_size=None, pos_interpolation="scale_factor"):
+        super().__init__(model, representation, precision, device, max_batch, input_size, pos_interpolation)
         if not ort_available():
             raise BackendError("onnxruntime backend: needs the onnxruntime, onnx and onnxscript packages")
         if self.device.type != "cpu":
@@ -180,7 +198,8 @@ class OnnxRuntimeBackend(InferenceBackend):
         self.threads = threads
         self.graph_optimization = graph_optimization
         self.graph = graph
-        self.key = engine_key(self.model, representation, precision, fuse, graph)
+        self.key = engine_key(self.model, representation, precision, fuse, graph, self.input_size,
+                              self.pos_interpolation)
         try:
             self.environment = _versions()
         except ImportError as exc:
@@ -224,16 +243,21 @@ class OnnxRuntimeBackend(InferenceBackend):
     def _validate(self, session):
         from theia_ros.backends.validation import check_output, min_cosine_for, reference_output, validation_pixels
 
-        pixels = validation_pixels(min(2, self.max_batch))
-        reference = reference_output(self.model, pixels, self.representation, torch.device("cpu"))
+        pixels = validation_pixels(min(2, self.max_batch), size=self.input_size)
+        reference = reference_output(self.model, pixels, self.representation, torch.device("cpu"),
+                                     self.pos_interpolation)
         output = session.run(None, {"pixels": pixels.numpy()})[0]
+        size = "x".join(str(v) for v in self.input_size)
         return check_output(torch.from_numpy(output), reference, min_cosine_for(self.precision),
-                            f"onnxruntime {self.precision} graph of {self.model.variant} ({self.representation})")
+                            f"onnxruntime {self.precision} graph of {self.model.variant} ({self.representation}, "
+                            f"{size})")
 
     def _build(self, directory):
         plain = directory / GRAPH_FILE
-        log.info("exporting %s (%s) to ONNX opset %d ...", self.model.variant, self.representation, OPSET)
-        seconds = export_onnx(self.model, self.representation, plain, graph=self.graph)
+        log.info("exporting %s (%s, %dx%d) to ONNX opset %d ...", self.model.variant, self.representation,
+                 *self.input_size, OPSET)
+        seconds = export_onnx(self.model, self.representation, plain, graph=self.graph, input_size=self.input_size,
+                              pos_interpolation=self.pos_interpolation)
         fused = None
         if self._fuse:
             spec = self.model.spec
@@ -258,5 +282,6 @@ class OnnxRuntimeBackend(InferenceBackend):
                 "export_seconds": round(seconds, 3), "fused_ops": fused or {}}
 
     def run_pixels(self, pixels):
+        self.check_pixels(pixels)
         array = pixels.detach().to("cpu", torch.float32).contiguous().numpy()
         return torch.from_numpy(self.session.run(None, {"pixels": array})[0])

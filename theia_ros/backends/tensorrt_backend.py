@@ -29,6 +29,10 @@ Engines are specific to the GPU model and the TensorRT version: both are part of
 sidecar, and a mismatch rebuilds the engine (see backends.cache).  An engine loaded from the cache
 passes the same validation gate before its first frame (an engine altered on disk, its sidecar
 rewritten to match, is caught there and rebuilt).
+
+Input size: an engine takes one spatial size (``input_size``, default 224x224; position embeddings
+interpolated once, a constant of the graph); the cache key names the size (sizes other than 224x224
+only, so 224x224 engines cached before keep their key) and engines for several sizes coexist.
 """
 from __future__ import annotations
 
@@ -43,7 +47,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from theia_ros.backends import cache
-from theia_ros.backends.base import BackendError, InferenceBackend, canonical_representation, export_module
+from theia_ros.backends.base import (
+    DEFAULT_INPUT_SIZE,
+    BackendError,
+    InferenceBackend,
+    canonical_representation,
+    engine_size_fields,
+    export_module,
+)
 from theia_ros.representations import is_teacher, teacher_of
 
 log = logging.getLogger("theia_ros.backends")
@@ -92,8 +103,10 @@ def batch_profile(max_batch: int, opt_batch=None):
 
 
 def engine_key(model, representation, precision, max_batch, opt_batch, fp16_mode="explicit",
-               optimization_level=None, graph="model", fp32_acc="auto") -> dict:
+               optimization_level=None, graph="model", fp32_acc="auto", input_size=DEFAULT_INPUT_SIZE,
+               pos_interpolation="scale_factor") -> dict:
     return {
+        **engine_size_fields(input_size, pos_interpolation),
         "backend": "tensorrt",
         "variant": model.variant,
         "weights_id": model.weights_id,
@@ -192,9 +205,11 @@ class _CastIO(nn.Module):
         return self.module(pixels.to(self.dtype)).float()
 
 
-def low_precision_module(model, representation: str, dtype: torch.dtype, graph: str = "model") -> nn.Module:
+def low_precision_module(model, representation: str, dtype: torch.dtype, graph: str = "model",
+                         input_size=None, pos_interpolation="scale_factor") -> nn.Module:
     """A copy of the model as an explicitly typed ``dtype`` graph for one representation:
     matmul/conv weights in ``dtype``, LayerNorm and softmax in fp32, fp32 input and output.
+    With ``input_size`` the graph takes that size only (position embeddings a constant).
     The original model is left untouched."""
     keep = None
     if is_teacher(representation):
@@ -221,18 +236,19 @@ def low_precision_module(model, representation: str, dtype: torch.dtype, graph: 
     if graph == "lean":
         from theia_ros.backends.lean import LeanTheia
 
-        inner = LeanTheia(low, representation)
+        inner = LeanTheia(low, representation, input_size=input_size, pos_interpolation=pos_interpolation)
     else:
-        inner = export_module(low, representation)
+        inner = export_module(low, representation, input_size, pos_interpolation)
     return _CastIO(inner, dtype).eval()
 
 
-def fp32_module(model, representation: str, graph: str = "model") -> nn.Module:
+def fp32_module(model, representation: str, graph: str = "model", input_size=None,
+                pos_interpolation="scale_factor") -> nn.Module:
     if graph == "lean":
         from theia_ros.backends.lean import LeanTheia
 
-        return LeanTheia(model, representation).eval()
-    return export_module(model, representation).eval()
+        return LeanTheia(model, representation, input_size=input_size, pos_interpolation=pos_interpolation).eval()
+    return export_module(model, representation, input_size, pos_interpolation).eval()
 
 
 def gpu_environment(device) -> dict:
@@ -293,8 +309,9 @@ class TensorRTBackend(InferenceBackend):
 
     def __init__(self, model, representation="tokens", precision="fp16", device="cuda", max_batch=4,
                  opt_batch=None, fp16_mode="explicit", optimization_level=None, workspace_size=None,
-                 tf32=False, graph="model", fp32_acc="auto", cache_dir=None, rebuild=False):
-        super().__init__(model, representation, precision, device, max_batch)
+                 tf32=False, graph="model", fp32_acc="auto", cache_dir=None, rebuild=False, input_size=None,
+                 pos_interpolation="scale_factor"):
+        super().__init__(model, representation, precision, device, max_batch, input_size, pos_interpolation)
         if precision not in _DTYPES:
             raise BackendError(f"tensorrt backend: unknown precision {precision!r}; use fp32, fp16 or bf16")
         if self._require_cuda and self.device.type != "cuda":
@@ -316,7 +333,7 @@ class TensorRTBackend(InferenceBackend):
         self.fp16_mode, self.optimization_level, self.workspace_size = fp16_mode, optimization_level, workspace_size
         self.graph, self.tf32, self.fp32_acc = graph, bool(tf32), fp32_acc
         self.key = engine_key(self.model, representation, precision, self.max_batch, self.opt_batch, fp16_mode,
-                              optimization_level, graph, fp32_acc)
+                              optimization_level, graph, fp32_acc, self.input_size, self.pos_interpolation)
         self.key["tf32"] = self.tf32
         self.environment = gpu_environment(self.device)
         self._built_module = None
@@ -356,8 +373,8 @@ class TensorRTBackend(InferenceBackend):
     def _validate(self, module):
         from theia_ros.backends.validation import check_output, min_cosine_for, reference_output, validation_pixels
 
-        pixels = validation_pixels(min(2, self.max_batch))
-        reference = reference_output(self.model, pixels, self.representation, self.device)
+        pixels = validation_pixels(min(2, self.max_batch), size=self.input_size)
+        reference = reference_output(self.model, pixels, self.representation, self.device, self.pos_interpolation)
         with torch.inference_mode():
             out = _first_output(module(pixels.to(self.device)))
         return check_output(out.float().cpu(), reference, min_cosine_for(self.precision),
@@ -367,20 +384,22 @@ class TensorRTBackend(InferenceBackend):
         trt = self.trt
         dtype = _DTYPES[self.precision]
         if self.precision == "fp32" or self.fp16_mode == "autocast":
-            module = fp32_module(self.model, self.representation, self.graph)
+            module = fp32_module(self.model, self.representation, self.graph, self.input_size, self.pos_interpolation)
         else:
-            module = low_precision_module(self.model, self.representation, dtype, self.graph)
+            module = low_precision_module(self.model, self.representation, dtype, self.graph, self.input_size,
+                                          self.pos_interpolation)
         module = module.to(self.device).eval()
-        example = torch.randn(self.example_batch, 3, 224, 224, device=self.device).clamp_(-1, 1)
+        height, width = self.input_size
+        example = torch.randn(self.example_batch, 3, height, width, device=self.device).clamp_(-1, 1)
         dynamic = None
         if self.max_batch > 1:
             dynamic = ({0: torch.export.Dim("batch", min=1, max=self.max_batch)},)
-        log.info("building tensorrt %s engine for %s (%s), batch 1..%d (opt %d) on %s; this takes minutes",
-                 self.precision, self.model.variant, self.representation, self.max_batch, self.opt_batch,
-                 self.environment["gpu_name"])
+        log.info("building tensorrt %s engine for %s (%s, %dx%d), batch 1..%d (opt %d) on %s; this takes minutes",
+                 self.precision, self.model.variant, self.representation, height, width, self.max_batch,
+                 self.opt_batch, self.environment["gpu_name"])
         start = time.perf_counter()
-        spec = trt.Input(min_shape=(1, 3, 224, 224), opt_shape=(self.opt_batch, 3, 224, 224),
-                         max_shape=(self.max_batch, 3, 224, 224), dtype=torch.float32)
+        spec = trt.Input(min_shape=(1, 3, height, width), opt_shape=(self.opt_batch, 3, height, width),
+                         max_shape=(self.max_batch, 3, height, width), dtype=torch.float32)
         compile_fn = trt.dynamo.compile
         params = _signature_params(compile_fn)
         inputs_kw = "arg_inputs" if "arg_inputs" in params else "inputs"
@@ -416,6 +435,7 @@ class TensorRTBackend(InferenceBackend):
                 "compile_seconds": round(compile_seconds, 1)}
 
     def run_pixels(self, pixels):
+        self.check_pixels(pixels)
         if pixels.shape[0] > self.max_batch:
             raise BackendError(f"tensorrt backend: batch {pixels.shape[0]} exceeds the engine's max_batch "
                                f"{self.max_batch}")

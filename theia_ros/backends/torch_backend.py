@@ -5,6 +5,10 @@ accumulated in fp32) and are checked once against fp32 on the validation input (
 when the backend is created.  ``compile=True`` wraps the forward in ``torch.compile`` (CPU:
 inductor with weight freezing; CUDA: "reduce-overhead", i.e. CUDA graphs); the first call at each
 batch size compiles (tens of seconds on a small CPU).
+
+Any input size: pixels [B, 3, H, W] of any H, W >= 16 run with the backend's ``pos_interpolation``
+(``input_size`` only sets the size of the validation input; with torch.compile each new size
+compiles once).
 """
 import logging
 import time
@@ -37,22 +41,23 @@ def cpu_has_fast_bf16() -> bool:
 class _Forward(nn.Module):
     """pixels -> one representation, optionally under autocast (what torch.compile sees)."""
 
-    def __init__(self, model, representation, device_type, dtype, lean=False):
+    def __init__(self, model, representation, device_type, dtype, lean=False, pos_interpolation="scale_factor"):
         super().__init__()
         self.model = model
         self.lean = None
         if lean:
             from theia_ros.backends.lean import LeanTheia
 
-            self.lean = LeanTheia(model, representation)
+            self.lean = LeanTheia(model, representation, pos_interpolation=pos_interpolation)
         self.representation = representation
+        self.pos_interpolation = pos_interpolation
         self.device_type = device_type
         self.dtype = dtype
 
     def _run(self, pixels):
         if self.lean is not None:
             return self.lean(pixels)
-        return reference_forward(self.model, pixels, self.representation)
+        return reference_forward(self.model, pixels, self.representation, self.pos_interpolation)
 
     def forward(self, pixels):
         if self.dtype == torch.float32:
@@ -63,10 +68,12 @@ class _Forward(nn.Module):
 
 class TorchBackend(InferenceBackend):
     name = "torch"
+    fixed_input_size = False
 
     def __init__(self, model, representation="tokens", precision="fp32", device="cpu", max_batch=4,
-                 compile=False, lean=False, validate=None):  # noqa: A002 (mirrors torch.compile)
-        super().__init__(model, representation, precision, device, max_batch)
+                 compile=False, lean=False, validate=None, input_size=None,  # noqa: A002 (mirrors torch.compile)
+                 pos_interpolation="scale_factor"):
+        super().__init__(model, representation, precision, device, max_batch, input_size, pos_interpolation)
         if precision not in _DTYPES:
             raise BackendError(f"torch backend: unknown precision {precision!r}; use one of {sorted(_DTYPES)}")
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -79,7 +86,8 @@ class TorchBackend(InferenceBackend):
         self._dtype = _DTYPES[precision]
         self.compile_mode = _compile_mode(compile, self.device)
         self.lean = bool(lean)
-        self._forward = _Forward(self.model, representation, self.device.type, self._dtype, self.lean)
+        self._forward = _Forward(self.model, representation, self.device.type, self._dtype, self.lean,
+                                 self.pos_interpolation)
         if self.compile_mode is not None:
             self._forward = _compiled(self._forward, self.compile_mode)
         self.validation_cosine = None
@@ -100,9 +108,9 @@ class TorchBackend(InferenceBackend):
     def _validate(self):
         from theia_ros.backends.validation import check_output, min_cosine_for, reference_output, validation_pixels
 
-        pixels = validation_pixels(min(2, self.max_batch))
+        pixels = validation_pixels(min(2, self.max_batch), size=self.input_size)
         start = time.perf_counter()
-        reference = reference_output(self.model, pixels, self.representation, self.device)
+        reference = reference_output(self.model, pixels, self.representation, self.device, self.pos_interpolation)
         what = f"torch {self.precision} on {self.device}"
         if self.compile_mode:
             what += f" (compile {self.compile_mode})"

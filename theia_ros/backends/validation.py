@@ -15,24 +15,26 @@ def min_cosine_for(precision: str) -> float:
     return FP32_MIN_COSINE if precision == "fp32" else LOW_PRECISION_MIN_COSINE
 
 
-def validation_pixels(batch: int = 2, seed: int = 1234) -> torch.Tensor:
-    """A fixed, deterministic batch of model inputs [batch, 3, 224, 224] in [-1, 1]: smooth
-    colour gradients, a few blocks and noise, like a camera image (same on every machine)."""
-    from theia_ros.preprocess import to_model_input
+def validation_pixels(batch: int = 2, seed: int = 1234, size=(224, 224)) -> torch.Tensor:
+    """A fixed, deterministic batch of model inputs [batch, 3, H, W] in [-1, 1] (``size`` = (H, W)):
+    smooth colour gradients, a few blocks and noise, like a camera image (same on every machine)."""
+    from theia_ros.preprocess import PreprocessConfig, to_model_input
 
+    h, w = int(size[0]), int(size[1])
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:224, 0:224].astype(np.float32) / 223.0
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    yy, xx = yy / max(h - 1, 1), xx / max(w - 1, 1)
     images = []
     for i in range(batch):
         phase = rng.uniform(0, 2 * np.pi, size=3)
         img = np.stack([0.5 + 0.5 * np.sin(2 * np.pi * (xx * (1 + c) + yy * (2 - c) * (i + 1)) / 2 + phase[c])
                         for c in range(3)], axis=-1) * 200.0
-        for _ in range(4):  # a few flat blocks with hard edges
-            y0, x0 = rng.integers(0, 180, size=2)
+        for _ in range(4):  # a few flat blocks with hard edges (40 pixels at 224x224)
+            y0, x0 = rng.integers(0, max(1, min(h, w) - 44), size=2)
             img[y0:y0 + 40, x0:x0 + 40] = rng.uniform(0, 255, size=3)
         img += rng.normal(0, 8, size=img.shape)
         images.append(np.clip(img, 0, 255).astype(np.uint8))
-    return to_model_input(np.stack(images))
+    return to_model_input(np.stack(images), PreprocessConfig(size=(h, w)))
 
 
 def cosine_per_sample(output, reference) -> torch.Tensor:
@@ -63,10 +65,10 @@ def check_output(output, reference, min_cosine: float, what: str) -> float:
     return value
 
 
-def reference_output(model, pixels, representation, device=None):
+def reference_output(model, pixels, representation, device=None, pos_interpolation="scale_factor"):
     """fp32 eager torch output on ``pixels`` (computed where the model lives, returned on the CPU)."""
     from theia_ros.backends.base import reference_forward
 
     device = device if device is not None else next(model.parameters()).device
     with torch.inference_mode():
-        return reference_forward(model, pixels.to(device), representation).float().cpu()
+        return reference_forward(model, pixels.to(device), representation, pos_interpolation).float().cpu()

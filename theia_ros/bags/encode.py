@@ -1,7 +1,9 @@
 """encode-bag: the camera topics of a bag encoded into Theia features, written as a new bag.
 
 Decoding (thread), inference (caller's thread) and writing (thread) overlap; every other topic is
-copied byte for byte unless asked not to."""
+copied byte for byte unless asked not to (this package's own messages recorded with an older
+definition, e.g. Features before its preprocessing fields, are rewritten in today's: a bag holds one
+definition per type)."""
 from __future__ import annotations
 
 import dataclasses
@@ -32,13 +34,15 @@ from theia_ros.bags.io import (
     check_output_format,
     decode_camera_message,
     ensure_connection_type,
+    is_current_definition,
     make_writer,
     open_bag,
     prepare_output,
     typestore,
+    upgrade_message,
 )
 from theia_ros.encoder.config import ENCODER_DEFAULTS
-from theia_ros.features import to_features_msg
+from theia_ros.features import DEFAULT_POS_INTERPOLATION, DEFAULT_PREPROCESSING, to_features_msg
 from theia_ros.images import ImageDecodeError
 
 log = logging.getLogger(__name__)
@@ -119,21 +123,27 @@ def select_cameras(connections, cameras=None) -> dict[str, str]:
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_encoder(source, seed, backend, precision, device, max_batch, representation, output_dtype):
+def _cached_encoder(source, seed, backend, precision, device, max_batch, representation, output_dtype, input_size,
+                    pos_interpolation):
     from theia_ros.backends.factory import create_encoder
 
     return create_encoder(source, seed=seed, backend=backend, precision=precision, device=device,
-                               max_batch=max_batch, representation=representation, output_dtype=output_dtype)
+                          max_batch=max_batch, representation=representation, output_dtype=output_dtype,
+                          input_size=input_size, pos_interpolation=pos_interpolation)
 
 
 def load_encoder(source=ENCODER_DEFAULTS["model"], *, seed=ENCODER_DEFAULTS["seed"],
                  backend=ENCODER_DEFAULTS["backend"], precision=ENCODER_DEFAULTS["precision"],
                  device=ENCODER_DEFAULTS["device"], max_batch=ENCODER_DEFAULTS["max_batch"],
-                 representation=ENCODER_DEFAULTS["representation"], output_dtype=ENCODER_DEFAULTS["output_dtype"]):
-    """backends.factory.create_encoder, cached per process (repeated CLI calls in one process share the model)."""
+                 representation=ENCODER_DEFAULTS["representation"], output_dtype=ENCODER_DEFAULTS["output_dtype"],
+                 input_size=None, pos_interpolation=DEFAULT_POS_INTERPOLATION):
+    """backends.factory.create_encoder, cached per process (repeated CLI calls in one process share the model).
+    `input_size` / `pos_interpolation`: what its first engine is built for (None: 224x224); frames of other
+    input sizes get engines of their own on first use."""
     try:
         return _cached_encoder(source, seed, backend, precision, device, int(max_batch), representation,
-                               output_dtype)
+                               output_dtype, None if input_size is None else tuple(int(v) for v in input_size),
+                               pos_interpolation)
     except BagError:
         raise
     except Exception as exc:
@@ -171,12 +181,17 @@ class EncodeResult:
 def encode_bag(input_path, output_path, *, model=ENCODER_DEFAULTS["model"], seed=ENCODER_DEFAULTS["seed"],
                backend=ENCODER_DEFAULTS["backend"], precision=ENCODER_DEFAULTS["precision"],
                device=ENCODER_DEFAULTS["device"], representation=ENCODER_DEFAULTS["representation"],
-               dtype=ENCODER_DEFAULTS["output_dtype"], cameras=None, batch=DEFAULT_BATCH, copy=True, overwrite=False,
+               dtype=ENCODER_DEFAULTS["output_dtype"], preprocessing=DEFAULT_PREPROCESSING, input_size=None,
+               pos_interpolation=DEFAULT_POS_INTERPOLATION, cameras=None, batch=DEFAULT_BATCH, copy=True,
+               overwrite=False,
                storage=DEFAULT_STORAGE, version=DEFAULT_BAG_VERSION, threads=ENCODER_DEFAULTS["threads"],
                progress=True, encoder=None, queue_chunks=3, max_logged_bad=10) -> EncodeResult:
     """Encode the camera topics of bag `input_path` into a new bag `output_path` (see module doc).
 
     `cameras`: camera topics ('TOPIC' or 'TOPIC=FEATURES_TOPIC'), None: every image topic.
+    `preprocessing` ("theia" | "isaaclab"), `input_size` ((height, width) the model sees; None: 224x224 for
+    theia, each image's own for isaaclab), `pos_interpolation`: as the encoder node's parameters; every
+    features message records them.
     `encoder`: a ready FeatureEncoder (else loaded from model/seed/backend/...). `threads`: torch
     intra-op threads, 0 keeps torch's default.
     Raises :class:`BagError` before anything is written (bad arguments, output exists, no camera
@@ -187,6 +202,14 @@ def encode_bag(input_path, output_path, *, model=ENCODER_DEFAULTS["model"], seed
     input_path, output_path = Path(input_path), Path(output_path)
     if batch < 1:
         raise BagError(f"batch must be >= 1, got {batch}")
+    from theia_ros.preprocess import PreprocessConfig
+
+    try:
+        config = PreprocessConfig(profile=preprocessing, size=None if input_size is None else tuple(input_size),
+                                  pos_interpolation=pos_interpolation)
+    except (TypeError, ValueError) as exc:
+        raise BagError(f"preprocessing: {exc}") from None
+    fixed_size = config.size or ((224, 224) if config.profile == "theia" else None)
     check_output_format(storage, version)
     if not overwrite and (output_path.exists() or output_path.is_symlink()):
         raise BagError(f"output {output_path} exists; pass --overwrite to replace it")
@@ -199,26 +222,33 @@ def encode_bag(input_path, output_path, *, model=ENCODER_DEFAULTS["model"], seed
             torch.set_num_threads(int(threads))
         if encoder is None:
             encoder = load_encoder(model, seed=seed, backend=backend, precision=precision, device=device,
-                                   max_batch=batch, representation=representation, output_dtype=dtype)
+                                   max_batch=batch, representation=representation, output_dtype=dtype,
+                                   input_size=fixed_size, pos_interpolation=pos_interpolation)
         prepare_output(output_path, [input_path], overwrite)
         t_start = time.perf_counter()  # throughput excludes opening the bag and loading the model
-        run = _EncodeRun(reader, connections, topics, output_path, encoder, batch=batch, copy=copy,
+        run = _EncodeRun(reader, connections, topics, output_path, encoder, config, batch=batch, copy=copy,
                          storage=storage, version=version, queue_chunks=queue_chunks,
                          max_logged_bad=max_logged_bad, input_path=input_path)
         return run.run(progress, t_start)
 
 
 def _copy_plan(store, connections, topics, copy):
-    """(input connection id -> output key, output key -> add_connection kwargs, skipped topics)."""
-    conn_key, specs, skipped = {}, {}, []
+    """(input connection id -> output key, output key -> add_connection kwargs, skipped topics, ids of the
+    connections whose messages are rewritten in today's definition)."""
+    conn_key, specs, skipped, upgrade = {}, {}, [], set()
     if not copy:
-        return conn_key, specs, skipped
+        return conn_key, specs, skipped, upgrade
     for c in connections:
         if c.topic in topics:
             continue
         key = (c.topic, c.msgtype)
+        if not is_current_definition(c):  # this package's type, recorded with an older definition
+            upgrade.add(c.id)
         if key not in specs and c.topic not in skipped:
             msgdef, digest = (c.msgdef.data or None), (c.digest or None)
+            if c.id in upgrade:
+                msgdef, digest = store.generate_msgdef(c.msgtype, ros_version=2)[0], store.hash_rihs01(c.msgtype)
+                log.info("copying %s (%s) in today's definition of the type", c.topic, c.msgtype)
             if (msgdef is None or digest is None) and ensure_connection_type(store, c):
                 msgdef = msgdef or store.generate_msgdef(c.msgtype, ros_version=2)[0]
                 digest = digest or store.hash_rihs01(c.msgtype)
@@ -231,7 +261,7 @@ def _copy_plan(store, connections, topics, copy):
                               offered_qos_profiles=c.ext.offered_qos_profiles)
         if key in specs:
             conn_key[c.id] = key
-    return conn_key, specs, skipped
+    return conn_key, specs, skipped, upgrade
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,6 +276,7 @@ class _Frame:
     header: Any = None
     rgb: Any = None
     error: str | None = None
+    input_size: Any = None  # (height, width) the model saw
 
 
 @dataclasses.dataclass
@@ -302,15 +333,20 @@ def _decode_frame(conn, timestamp, raw) -> _Frame:
 class _EncodeRun:
     """One encode-bag pass (see the module doc); :meth:`run` returns the EncodeResult or raises."""
 
-    def __init__(self, reader, connections, topics, output_path, encoder, *, batch, copy, storage, version,
+    def __init__(self, reader, connections, topics, output_path, encoder, config, *, batch, copy, storage, version,
                  queue_chunks, max_logged_bad, input_path):
         self.reader, self.topics, self.encoder, self.batch = reader, topics, encoder, batch
+        from theia_ros.preprocess import input_size  # torch: imported when encoding, not with the CLI's parser
+
+        self.config = config  # the preprocessing of every camera
+        self.input_size_of = lambda rgb: input_size(config, rgb.shape[:2])
         self.output_path, self.input_path, self.max_logged_bad = output_path, input_path, max_logged_bad
         self.meta = encoder.metadata
         self.store = typestore()
         self.features_cls = self.store.types[FEATURES_TYPE]
         self.camera_conns = [c for c in connections if c.topic in topics and c.msgtype in CAMERA_TYPES]
-        self.conn_key, self.copy_specs, self.skipped_topics = _copy_plan(self.store, connections, topics, copy)
+        self.conn_key, self.copy_specs, self.skipped_topics, self.upgrade = _copy_plan(self.store, connections,
+                                                                                        topics, copy)
         self.other_conns = [c for c in connections if c.id in self.conn_key]
         self.cameras = {t: camera_name_for(t) for t in topics}
         # sqlite3 objects are bound to their thread: the writer thread opens, uses and closes the writer
@@ -412,8 +448,10 @@ class _EncodeRun:
                 return item
             good = [e for e in item if isinstance(e, _Frame) and e.error is None]
             self._count_bad_frames(item)
-            features = self.encoder.encode([e.rgb for e in good])[0] if good else None
+            # features: a tensor [B, ...], or per-frame tensors where frames of several patch grids meet
+            features = self.encoder.encode([e.rgb for e in good], [self.config] * len(good))[0] if good else None
             for e in good:
+                e.input_size = self.input_size_of(e.rgb)
                 e.rgb = None  # free the decoded image early
             _put(self.write_q, (item, features), self.stop)
             bar.update(sum(1 for e in item if isinstance(e, _Frame)))
@@ -462,7 +500,8 @@ class _EncodeRun:
         k = 0  # row of `features`: the chunk's good frames in order
         for entry in chunk:
             if isinstance(entry, _Copy):
-                self.writer.write(copy_conns[entry.conn.id], entry.timestamp, entry.raw)
+                raw = upgrade_message(entry.raw, entry.conn) if entry.conn.id in self.upgrade else entry.raw
+                self.writer.write(copy_conns[entry.conn.id], entry.timestamp, raw)
                 self.copied += 1
             elif entry.error is None:
                 topic = entry.conn.topic
@@ -476,15 +515,20 @@ class _EncodeRun:
         meta = self.meta
         to_features_msg(features, msg=fields, header=frame.header, camera=self.cameras[frame.conn.topic],
                         model_id=meta["model_id"], representation=meta["representation"],
-                        weights_id=meta["weights_id"], random_weights=meta["random_weights"])
+                        weights_id=meta["weights_id"], random_weights=meta["random_weights"],
+                        preprocessing=self.config.profile, pos_interpolation=self.config.pos_interpolation,
+                        input_size=frame.input_size)
         fields = vars(fields)
-        fields["shape"] = np.asarray(fields["shape"], dtype=np.uint32)
+        for name in ("shape", "input_size", "patch_grid"):
+            fields[name] = np.asarray(fields[name], dtype=np.uint32)
         fields["data"] = np.frombuffer(fields["data"], dtype=np.uint8)
         return self.store.serialize_cdr(self.features_cls(**fields), FEATURES_TYPE)
 
     def _close_writer(self):
         try:
             info = {"source": str(self.input_path), "topics": self.topics, **self.meta,
+                    "preprocessing": self.config.profile, "pos_interpolation": self.config.pos_interpolation,
+                    "input_size": None if self.config.size is None else list(self.config.size),
                     "complete": self.complete, "frames": sum(self.frames.values()),
                     "bad_frames": sum(self.bad.values())}
             self.writer.set_custom_data(CUSTOM_DATA_KEY, json.dumps(info, sort_keys=True))

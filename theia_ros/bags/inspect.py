@@ -5,6 +5,7 @@ import dataclasses
 import json
 from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -13,7 +14,7 @@ from theia_ros.bags.io import (
     FEATURES_TYPE,
     BagCountError,
     custom_data_of,
-    deserialize,
+    deserialize_message,
     open_bag,
     storage_of,
 )
@@ -37,12 +38,34 @@ class TopicStats:
 
 
 def features_summary(msg) -> dict:
-    """What one Features message holds (shape, dtype, representation, model, weights)."""
-    from theia_ros.features import DTYPE_NAMES
+    """What one Features message holds (shape, dtype, representation, model, weights, preprocessing);
+    a message from before the preprocessing fields reads as the reference ("theia" at 224x224)."""
+    from theia_ros.features import DTYPE_NAMES, preprocessing_of
 
+    pre = preprocessing_of(msg)
+    stated = [int(v) for v in getattr(msg, "input_size", ())]  # as the message states it: None when it does not
+    grid = [int(v) for v in getattr(msg, "patch_grid", ())]
     return {"shape": [int(s) for s in msg.shape], "dtype": DTYPE_NAMES.get(int(msg.dtype), f"code {msg.dtype}"),
             "representation": msg.representation, "model_id": msg.model_id, "weights_id": msg.weights_id,
-            "random_weights": bool(msg.random_weights), "camera": msg.camera}
+            "random_weights": bool(msg.random_weights), "camera": msg.camera, "preprocessing": pre.profile,
+            "input_size": stated or None, "pos_interpolation": pre.pos_interpolation, "patch_grid": grid or None}
+
+
+def summary_preprocessing(summary):
+    """The :class:`~theia_ros.features.Preprocessing` of a features summary (no input size stated: the
+    reference's 224x224 for the theia profile, as :func:`~theia_ros.features.preprocessing_of`)."""
+    from theia_ros.features import preprocessing_of
+
+    return preprocessing_of(SimpleNamespace(preprocessing=summary["preprocessing"],
+                                            input_size=summary["input_size"] or (),
+                                            pos_interpolation=summary["pos_interpolation"]))
+
+
+def describe_preprocessing(summary) -> str:
+    """e.g. 'isaaclab at 120x160 (pos_interpolation scale_factor), patch grid 7x10' for a features summary."""
+    pre = summary_preprocessing(summary)
+    grid = summary["patch_grid"] or pre.patch_grid
+    return pre.describe() + (f", patch grid {grid[0]}x{grid[1]}" if grid else "")
 
 
 def inspect_bag(path, *, gaps=3) -> dict:
@@ -63,7 +86,7 @@ def inspect_bag(path, *, gaps=3) -> dict:
                 stamps[key].append(ts)
                 if conn.msgtype == FEATURES_TYPE:
                     try:
-                        msg = deserialize(raw, FEATURES_TYPE)
+                        msg = deserialize_message(raw, conn)
                         s = features_summary(msg)
                     except Exception as exc:
                         s = {"error": f"undecodable: {exc}"}
@@ -156,10 +179,12 @@ def format_inspect(info: dict) -> str:
             lines.append(f"  {t['topic']}: camera {f['camera']!r}, shape [{shape}] {f['dtype']}, representation "
                          f"{f['representation']}")
             lines.append(f"    model_id {f['model_id']}, weights {f['weights_id']}")
+            lines.append(f"    preprocessing {describe_preprocessing(f)}")
             if f["random_weights"]:
                 lines.append("    RANDOM WEIGHTS: these features carry no learned meaning (tests and demos only)")
             if f.get("inconsistent"):
-                lines.append(f"    WARNING: {f['inconsistent']} different shape/model combinations on this topic")
+                lines.append(f"    WARNING: {f['inconsistent']} different shape/model/preprocessing combinations on "
+                             "this topic")
     custom = info.get("custom_data") or {}
     if CUSTOM_DATA_KEY in custom:
         try:

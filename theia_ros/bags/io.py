@@ -9,6 +9,9 @@ metadata versions 1 to 9, writes 8 and 9), so it runs on a training server with 
 - :func:`make_writer`, :func:`prepare_output`: a new output bag, never clobbering an input;
 - :func:`typestore`: the rosbags type store with the Jazzy types and this package's messages,
   :func:`ensure_connection_type` for types only the bag itself defines;
+- :func:`deserialize_message`: one message of a connection, read with the definition the bag stores
+  for this package's own types (bags written before a message changed stay readable), and
+  :func:`upgrade_message` to rewrite such a message in the current definition;
 - :func:`decode_camera_message`: a serialized camera message -> (header, RGB), through
   :func:`theia_ros.images.message_to_rgb`, the conversion the encoder node uses too.
 
@@ -86,6 +89,24 @@ def typestore():
     return store
 
 
+def _types_of_definition(msgtype: str, data: str) -> dict:
+    """name -> rosbags field definitions of a connection's stored definition (rosbag2's concatenated
+    .msg text: the type itself, then one ``MSG: <name>`` section per nested type)."""
+    from rosbags.typesys import get_types_from_msg
+
+    sep = "=" * 80 + "\n"
+    parts = data.split(sep)
+    types = get_types_from_msg(parts[0], msgtype)
+    for part in parts[1:]:
+        header, _, text = part.partition("\n")
+        if header.startswith("MSG: "):
+            name = header[5:].strip()
+            if "/msg/" not in name:
+                name = name.replace("/", "/msg/", 1)
+            types.update(get_types_from_msg(text, name))
+    return types
+
+
 def ensure_connection_type(store, conn) -> bool:
     """Register `conn`'s type from the definition stored in the bag when the store lacks it; True when
     the store knows the type."""
@@ -94,24 +115,92 @@ def ensure_connection_type(store, conn) -> bool:
     data = getattr(conn.msgdef, "data", "") or ""
     if not data:
         return False
-    from rosbags.typesys import get_types_from_msg
-
     try:
-        sep = "=" * 80 + "\n"
-        parts = data.split(sep)
-        types = get_types_from_msg(parts[0], conn.msgtype)
-        for part in parts[1:]:
-            header, _, text = part.partition("\n")
-            if header.startswith("MSG: "):
-                name = header[5:].strip()
-                if "/msg/" not in name:
-                    name = name.replace("/", "/msg/", 1)
-                types.update(get_types_from_msg(text, name))
-        store.register(types)
+        store.register(_types_of_definition(conn.msgtype, data))
     except Exception as exc:  # rosbags raises several parser error types
         log.warning("cannot register type %s from the bag's definition: %s", conn.msgtype, exc)
         return False
     return conn.msgtype in store.types
+
+
+OWN_PACKAGE_PREFIX = "theia_ros/"
+
+
+def connection_typestore(conn):
+    """The type store that reads `conn`'s messages: :func:`typestore`, except for this package's own
+    types stored in the bag with another definition than today's (a bag recorded before a message
+    changed, e.g. Features before its preprocessing fields): a store of the bag's own definition."""
+    data = getattr(getattr(conn, "msgdef", None), "data", "") or ""
+    if not conn.msgtype.startswith(OWN_PACKAGE_PREFIX) or not data:
+        return typestore()
+    return _store_of_definition(conn.msgtype, data)
+
+
+@functools.lru_cache(maxsize=16)
+def _store_of_definition(msgtype: str, data: str):
+    store = typestore()
+    try:
+        types = _types_of_definition(msgtype, data)
+    except Exception as exc:  # rosbags raises several parser error types
+        log.warning("cannot parse the bag's definition of %s (%s): reading it with today's", msgtype, exc)
+        return store
+    own = {name: fields for name, fields in types.items() if name.startswith(OWN_PACKAGE_PREFIX)}
+    if all(name in store.fielddefs and store.fielddefs[name][1] == fields[1] for name, fields in own.items()):
+        return store  # the same fields (comments and constants do not change the wire format)
+    from rosbags.typesys import Stores, get_typestore
+
+    log.info("reading %s with the bag's own (older) definition", msgtype)
+    old = get_typestore(Stores.ROS2_JAZZY)
+    old.register({name: fields for name, fields in types.items() if name not in old.types})
+    return old
+
+
+def deserialize_message(raw, conn):
+    """One serialized message of connection `conn`, read with :func:`connection_typestore`: the fields
+    its bag's definition has (a Features message of an older bag lacks the newer fields)."""
+    return connection_typestore(conn).deserialize_cdr(raw, conn.msgtype)
+
+
+def is_current_definition(conn) -> bool:
+    """False for this package's own types stored with an older definition (see :func:`connection_typestore`)."""
+    return connection_typestore(conn) is typestore()
+
+
+def upgrade_message(raw, conn) -> bytes:
+    """A message of this package's types stored with an older definition, re-serialized in today's: the
+    fields it has copied, the newer ones empty (an empty Features.preprocessing means the reference)."""
+    store = typestore()
+    msg = deserialize_message(raw, conn)
+    return store.serialize_cdr(_in_current_definition(store, msg, conn.msgtype), conn.msgtype)
+
+
+def _in_current_definition(store, msg, msgtype):
+    import numpy as np
+    from rosbags.interfaces import Nodetype
+
+    values = {}
+    for name, (kind, detail) in store.fielddefs[msgtype][1]:
+        if not hasattr(msg, name):
+            if kind == Nodetype.BASE:
+                values[name] = "" if detail[0] == "string" else False if detail[0] == "bool" else 0
+            elif kind == Nodetype.SEQUENCE and detail[0][0] == Nodetype.BASE:
+                base = detail[0][1][0]
+                values[name] = [] if base == "string" else np.empty(0, dtype=_numpy_dtype(base))
+            else:
+                raise BagError(f"cannot upgrade {msgtype}: no empty value for its new field {name!r}")
+            continue
+        value = getattr(msg, name)
+        if kind == Nodetype.NAME and detail.startswith(OWN_PACKAGE_PREFIX):
+            value = _in_current_definition(store, value, detail)
+        elif kind in (Nodetype.SEQUENCE, Nodetype.ARRAY) and detail[0][0] == Nodetype.NAME \
+                and detail[0][1].startswith(OWN_PACKAGE_PREFIX):
+            value = [_in_current_definition(store, item, detail[0][1]) for item in value]
+        values[name] = value
+    return store.types[msgtype](**values)
+
+
+def _numpy_dtype(ros_type: str):
+    return {"bool": "?", "byte": "u1", "char": "u1", "octet": "u1"}.get(ros_type, ros_type)  # numpy's own names
 
 
 def deserialize(raw, msgtype: str):

@@ -20,6 +20,12 @@ Each sample is one frame of the reference camera (the first feature topic); the 
 the proprioception and the action are the messages nearest in time within ``tolerance``;
 frames with anything missing are dropped (and counted). With ``history`` H > 1 a sample stacks
 H consecutive frames of one episode, oldest first, as the policy node's ObservationBuffer does.
+
+Every feature topic of every bag must hold the same kind of features: model, representation, shape
+and preprocessing (profile, input size, position-embedding interpolation; Features messages from before
+those fields mean the reference, "theia" at 224x224); bags that mix them are refused, naming both.
+The checkpoint's observation spec records that preprocessing, and the policy node refuses features
+made otherwise.
 """
 from __future__ import annotations
 
@@ -32,8 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from theia_ros.bags.inspect import features_summary
-from theia_ros.bags.io import FEATURES_TYPE, BagCountError, BagError, deserialize, open_bag
+from theia_ros.bags.inspect import describe_preprocessing, features_summary, summary_preprocessing
+from theia_ros.bags.io import FEATURES_TYPE, BagCountError, BagError, deserialize, deserialize_message, open_bag
 from theia_ros.commands import COMMAND_FORMATS
 from theia_ros.features import features_to_numpy
 from theia_ros.stamps import stamp_ns
@@ -177,7 +183,7 @@ class _Streams:
             topic = conn.topic
             try:
                 if topic in self.feats and conn.msgtype == FEATURES_TYPE:
-                    self._add_features(topic, deserialize(raw, FEATURES_TYPE), ts)
+                    self._add_features(topic, deserialize_message(raw, conn), ts)
                 msg = None
                 if topic == self.action_topic:
                     msg = deserialize(raw, conn.msgtype)
@@ -196,7 +202,7 @@ class _Streams:
         s = features_summary(msg)
         first = self.meta.setdefault(topic, s)
         if _features_kind(s) != _features_kind(first):
-            raise TrainError(f"{self.path}: {topic} mixes features: {first} then {s}")
+            raise TrainError(f"{self.path}: {topic} mixes features: {_kind_text(first)}, then {_kind_text(s)}")
         arr = features_to_numpy(msg)
         if arr.dtype not in (np.float16, np.float32):
             arr = arr.astype(np.float32)
@@ -254,8 +260,16 @@ class _Streams:
 
 
 def _features_kind(summary) -> tuple:
-    """What features of one policy input must share: shape, model and representation."""
-    return summary["shape"], summary["model_id"], summary["representation"]
+    """What features of one policy input must share: shape, model, representation and preprocessing (the
+    position-embedding interpolation only where it changes the tokens)."""
+    pre = summary_preprocessing(summary)
+    return (summary["shape"], summary["model_id"], summary["representation"], pre.profile, pre.input_size,
+            pre.pos_interpolation if pre.interpolates else None)
+
+
+def _kind_text(summary) -> str:
+    return (f"{summary['model_id']} {summary['representation']} {summary['shape']} preprocessed "
+            f"{describe_preprocessing(summary)}")
 
 
 def _until_error(iterator, holder):
@@ -335,7 +349,7 @@ def _cameras_of(first, topics):
         if m is None:
             raise TrainError(f"{first.path}: no features on {t}")
         if _features_kind(m) != _features_kind(meta):
-            raise TrainError(f"feature topics differ: {topics[0]} {meta} vs {t} {m}")
+            raise TrainError(f"feature topics differ: {topics[0]} holds {_kind_text(meta)}, {t} {_kind_text(m)}")
         cameras.append(m["camera"] or t.strip("/").rsplit("/", 1)[0] or t)
     if len(set(cameras)) != len(cameras):
         cameras = [t.strip("/").rsplit("/features", 1)[0] or t for t in topics]
@@ -351,8 +365,7 @@ def _check_like_first(b, first, topics, meta):
         if m is None:
             raise TrainError(f"{b.path}: no features on {t}")
         if _features_kind(m) != _features_kind(meta):
-            raise TrainError(f"{b.path}: {t} holds {m['model_id']} {m['representation']} {m['shape']}, "
-                             f"{first.path} {meta['model_id']} {meta['representation']} {meta['shape']}")
+            raise TrainError(f"{b.path}: {t} holds {_kind_text(m)}, {first.path} {_kind_text(meta)}")
     if b.actions[2] != first.actions[2] or b.actions[3] != first.actions[3]:
         raise TrainError(f"{b.path}: actions {b.actions[3]} {b.actions[2]} differ from {first.path}'s "
                          f"{first.actions[3]} {first.actions[2]}")
@@ -572,7 +585,7 @@ def _print_data(printer, ds: Dataset, n_bags, train_rows, val_rows, val_eps, act
     printer(f"data: {n_bags} bag(s), {len(np.unique(ds.episodes))} episode(s), {len(ds)} samples "
             f"(train {len(train_rows)}, validation {len(val_rows)} from episode(s) {[int(e) for e in val_eps]})")
     printer(f"  cameras {ds.cameras} ({', '.join(ds.topics)}): {meta['representation']} {meta['shape']} "
-            f"{meta['dtype']}, model {meta['model_id']}")
+            f"{meta['dtype']}, model {meta['model_id']}, preprocessing {describe_preprocessing(meta)}")
     if meta["random_weights"]:
         printer("  NOTE: the features come from RANDOM encoder weights (tests and demos only)")
     printer(f"  action: {ds.action_kind} on {action_topic}, joints {ds.action_names}; proprio: "
@@ -589,7 +602,9 @@ def _build_trainable_policy(policy, ds: Dataset, history, action_mode, params, s
     try:
         spec = ObservationSpec(cameras=ds.cameras, representation=meta["representation"],
                                feature_shape=tuple(meta["shape"]), proprio_joints=ds.proprio_names,
-                               history=history, model_id=meta["model_id"] or None)
+                               history=history, model_id=meta["model_id"] or None,
+                               preprocessing=meta["preprocessing"], input_size=meta["input_size"],
+                               pos_interpolation=meta["pos_interpolation"])
         aspec = ActionSpec(joint_names=ds.action_names, mode=action_mode)
         p = dict(params or {})
         p.setdefault("seed", seed)

@@ -25,7 +25,9 @@ def _run_encode(args) -> int:
     try:
         result = encode_bag(args.input, args.output, model=args.model, seed=args.seed, backend=args.backend,
                             precision=args.precision, device=args.device, representation=args.representation,
-                            dtype=args.dtype, cameras=args.cameras, batch=args.batch, copy=not args.no_copy,
+                            dtype=args.dtype, preprocessing=args.preprocessing, input_size=args.input_size,
+                            pos_interpolation=args.pos_interpolation, cameras=args.cameras, batch=args.batch,
+                            copy=not args.no_copy,
                             overwrite=args.overwrite, storage=args.storage, version=args.bag_version,
                             threads=args.threads, progress=not args.no_progress)
     except BagReadError as exc:
@@ -126,7 +128,7 @@ def _add_encode_parser(subparsers):
     p.add_argument("input", metavar="IN", help="input bag (directory, .mcap or .db3)")
     p.add_argument("output", metavar="OUT", help="output bag directory (must not exist, see --overwrite)")
     add_encoder_options(p.add_argument_group("encoder"), "model", "seed", "backend", "precision", "device",
-                        "representation", "dtype", "threads")
+                        "representation", "dtype", "preprocessing", "input_size", "pos_interpolation", "threads")
     p.add_argument("--cameras", nargs="+", metavar="TOPIC[=FEATURES_TOPIC]",
                    help="camera topics to encode (default: every Image/CompressedImage topic)")
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH,
@@ -141,8 +143,9 @@ def _add_inspect_parser(subparsers):
     p = subparsers.add_parser(
         "inspect", help="summarise a rosbag2 bag: topics, counts, rates, gaps, features",
         description="Topics, types, message counts, rates, largest gaps and duration of a bag; for "
-                    "theia_ros/msg/Features topics also shape, dtype, representation, model id, weights id and "
-                    "whether the weights are random.")
+                    "theia_ros/msg/Features topics also shape, dtype, representation, model id, weights id, "
+                    "whether the weights are random, and the preprocessing (profile, input size, patch grid; bags "
+                    "from before those fields: theia at 224x224).")
     p.add_argument("bag", metavar="BAG")
     p.add_argument("--gaps", type=int, default=3, help="largest gaps listed per topic (default 3)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -156,7 +159,8 @@ def _add_train_parser(subparsers):
         "train-policy", help="behaviour cloning of a built-in policy from bags of features and actions",
         description="Align features with actions by stamp, split train/validation by episode, train a policy "
                     "(AdamW, MSE on normalised actions), save a checkpoint the policy node loads, and plot the "
-                    "losses and predicted vs recorded actions.")
+                    "losses and predicted vs recorded actions. The checkpoint records the features' preprocessing "
+                    "(the policy node refuses features made otherwise); bags that mix preprocessings are refused.")
     p.add_argument("bags", metavar="BAG", nargs="+", help="bags with feature topics (one episode each, or "
                                                            "several separated by --episode-gap)")
     p.add_argument("--policy", default="theia_head", help="theia_head, mlp or a registered policy (default "

@@ -12,6 +12,12 @@ from theia_ros.encoder.config import (
     OUTPUT_DTYPE_CHOICES,
     PRECISION_CHOICES,
 )
+from theia_ros.features import (
+    DEFAULT_POS_INTERPOLATION,
+    DEFAULT_PREPROCESSING,
+    POS_INTERPOLATIONS,
+    PREPROCESSING_PROFILES,
+)
 from theia_ros.representations import REPRESENTATIONS, TEACHER_PREFIX
 
 SOURCE_HELP = (f"checkpoint directory, hub id ({DEFAULT_MODEL}) or random:<variant> (random weights: right "
@@ -44,6 +50,19 @@ ENCODER_OPTIONS = {
         help=f"dtype of the features written (default {ENCODER_DEFAULTS['output_dtype']})")),
     "threads": (("--threads",), dict(
         type=int, default=ENCODER_DEFAULTS["threads"], help="torch intra-op threads (0: torch's default)")),
+    "preprocessing": (("--preprocessing",), dict(
+        default=DEFAULT_PREPROCESSING, choices=PREPROCESSING_PROFILES,
+        help="theia: the reference (resize to 224x224 or --input-size, [-1, 1]); isaaclab: Isaac Lab's "
+             "image_features (the image's own size unless --input-size, ImageNet mean/std; docs/isaaclab.md) "
+             f"(default {DEFAULT_PREPROCESSING})")),
+    "input_size": (("--input-size",), dict(
+        type=int, nargs=2, metavar=("H", "W"), default=None,
+        help="height and width the model sees (the patch grid is H//16 x W//16); default: 224x224 for theia, "
+             "each image's own size for isaaclab")),
+    "pos_interpolation": (("--pos-interpolation",), dict(
+        default=DEFAULT_POS_INTERPOLATION, choices=POS_INTERPOLATIONS,
+        help="position-embedding interpolation to grids other than 14x14: scale_factor as transformers <= 4.44 "
+             f"(the checkpoints' config.json), size as >= 4.45 (default {DEFAULT_POS_INTERPOLATION})")),
     "max_batch": (("--max-batch",), dict(
         type=int, default=ENCODER_DEFAULTS["max_batch"],
         help=f"largest batch one inference takes (default {ENCODER_DEFAULTS['max_batch']})")),

@@ -6,6 +6,7 @@ Plain Python (torch, transformers' ViTModel, safetensors, huggingface_hub); no R
     model = load_model("/path/to/checkpoint_dir")                         # config.json + model.safetensors
     model = load_model("random:theia-tiny-patch16-224-cddsv", seed=0)      # deterministic random weights
     tokens = model.forward_feature(rgb_uint8_batch)                        # [B, 196, C]
+    tokens = model.forward_feature(rgb, config=PreprocessConfig(profile="isaaclab"))  # [B, (H//16)*(W//16), C]
 
 The network is built from ``config.json`` alone; code shipped with a checkpoint is never run and
 weights are read only from ``model.safetensors``, with strict key and shape checking against the
@@ -15,6 +16,12 @@ config.json; encoder.hub resolves hub ids to local files.
 
 ``random:<variant>`` with seed N produces exactly the tensors that the conformance tool
 ``make_weights.py keys_<variant>.tsv DIR --seed N`` writes (same values, same per-key seeding).
+
+Any input size: the backbone runs on pixels [B, 3, H, W] with H, W >= 16 and produces a patch grid of
+(H // 16, W // 16), its position embeddings interpolated to that grid as transformers' ViTModel does
+with ``interpolate_pos_encoding=True`` (:func:`interpolate_position_embeddings`; two conventions, see
+there).  At 224x224 nothing is interpolated.  The translator heads were trained on the 14x14 grid of
+224x224 inputs and refuse any other size.
 """
 from __future__ import annotations
 
@@ -24,12 +31,13 @@ from typing import Dict, Iterable, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from theia_ros.encoder.checkpoint import checkpoint_key_to_module_key, expected_checkpoint_shapes, head_module_name
 from theia_ros.encoder.config import TEACHER_SHORT_NAMES, BackboneSpec, TheiaConfig, read_config, variant_config
 from theia_ros.encoder.hub import resolve_source
-from theia_ros.preprocess import PreprocessConfig, to_model_input
+from theia_ros.preprocess import PATCH_SIZE, POS_INTERPOLATIONS, PreprocessConfig, to_model_input
 from theia_ros.representations import check_representation, select_representation
 from theia_ros.weights import (
     FLOAT_DTYPES,
@@ -41,7 +49,56 @@ from theia_ros.weights import (
     read_safetensors_header,
 )
 
-__all__ = ["LConvHead", "TheiaModel", "load_model"]
+__all__ = ["LConvHead", "TheiaModel", "interpolate_position_embeddings", "load_model"]
+
+
+# --------------------------------------------------------------------------------------------
+# Position embeddings at other input sizes
+# --------------------------------------------------------------------------------------------
+
+def check_pos_interpolation(pos_interpolation: str) -> None:
+    if pos_interpolation not in POS_INTERPOLATIONS:
+        raise ValueError(f"pos_interpolation must be one of {', '.join(POS_INTERPOLATIONS)}, got {pos_interpolation!r}")
+
+
+def interpolate_position_embeddings(position_embeddings: torch.Tensor, height: int, width: int,
+                                    pos_interpolation: str = "scale_factor",
+                                    patch_size: int = PATCH_SIZE) -> torch.Tensor:
+    """Position embeddings [1, 1 + S*S, C] (CLS first, an S x S grid) -> [1, 1 + gh*gw, C] for pixels
+    of ``height`` x ``width``, patch grid (gh, gw) = (height // patch_size, width // patch_size), as
+    transformers' ViTEmbeddings.interpolate_pos_encoding computes them:
+
+    * unchanged when the grid has S*S patches and height == width (transformers' shortcut);
+    * otherwise the patch part, as [1, C, S, S], is resampled with bicubic interpolation
+      (align_corners=False), the CLS embedding kept:
+      - "scale_factor" (transformers <= 4.44, the version the checkpoints record):
+        ``scale_factor=((gh + 0.1) / S, (gw + 0.1) / S)``;
+      - "size" (transformers >= 4.45): ``size=(gh, gw)``.
+    The two differ on every other grid (tokens max abs ~1e-2 to 1e-1 apart).  Computed in float32
+    (what fp32 checkpoints do) and returned in the embeddings' dtype.
+    """
+    check_pos_interpolation(pos_interpolation)
+    num_positions = position_embeddings.shape[1] - 1
+    side = int(round(num_positions ** 0.5))
+    rows, columns = int(height) // patch_size, int(width) // patch_size
+    if rows < 1 or columns < 1:
+        raise ValueError(f"an input of {width}x{height} pixels is smaller than one {patch_size}x{patch_size} patch")
+    if rows * columns == num_positions and int(height) == int(width):
+        return position_embeddings
+    dim = position_embeddings.shape[-1]
+    cls_embedding = position_embeddings[:, :1]
+    grid = position_embeddings[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2).float()
+    if pos_interpolation == "scale_factor":
+        # the +0.1 keeps floor(S * factor) at the wanted grid despite floating point (transformers <= 4.44)
+        grid = F.interpolate(grid, scale_factor=((rows + 0.1) / side, (columns + 0.1) / side), mode="bicubic",
+                             align_corners=False)
+    else:
+        grid = F.interpolate(grid, size=(rows, columns), mode="bicubic", align_corners=False)
+    if tuple(grid.shape[-2:]) != (rows, columns):
+        raise AssertionError(f"interpolated position embeddings are {tuple(grid.shape[-2:])}, "
+                             f"expected {(rows, columns)}")
+    grid = grid.permute(0, 2, 3, 1).reshape(1, rows * columns, dim).to(position_embeddings.dtype)
+    return torch.cat([cls_embedding, grid], dim=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,63 +305,110 @@ class TheiaModel(nn.Module):
         return name
 
     # ---- tensor-in, tensor-out (export friendly) ------------------------------------------
-    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Preprocessed pixels [B, 3, 224, 224] -> all tokens [B, 197, C] (CLS first), final LayerNorm applied."""
+    def position_embeddings_for(self, height: int, width: int, pos_interpolation: str = "scale_factor") -> torch.Tensor:
+        """The position embeddings [1, 1 + gh*gw, C] for pixels of ``height`` x ``width`` (see
+        :func:`interpolate_position_embeddings`): the model's own at 224x224."""
+        return interpolate_position_embeddings(self.backbone.embeddings.position_embeddings, height, width,
+                                               pos_interpolation, self.spec.patch_size)
+
+    def patch_grid(self, height: int, width: int) -> Tuple[int, int]:
+        """(rows, columns) of the patch grid of pixels of ``height`` x ``width``."""
+        return (int(height) // self.spec.patch_size, int(width) // self.spec.patch_size)
+
+    def encode_pixels(self, pixels: torch.Tensor, pos_interpolation: str = "scale_factor",
+                      position_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Preprocessed pixels [B, 3, H, W] -> all tokens [B, 1 + gh*gw, C] (CLS first), final LayerNorm
+        applied; (gh, gw) = (H // 16, W // 16).  What transformers' ViTModel(pixels,
+        interpolate_pos_encoding=True).last_hidden_state holds.  ``position_embeddings``: precomputed
+        :meth:`position_embeddings_for` of this size (exported graphs keep them as a constant)."""
         bb = self.backbone
-        hidden = bb.embeddings(pixels.to(self.dtype))
+        emb = bb.embeddings
+        pixels = pixels.to(self.dtype)
+        batch, _, height, width = pixels.shape
+        if position_embeddings is None:
+            position_embeddings = self.position_embeddings_for(height, width, pos_interpolation)
+        hidden = emb.patch_embeddings.projection(pixels).flatten(2).transpose(1, 2)
+        hidden = torch.cat([emb.cls_token.expand(batch, -1, -1), hidden], dim=1) + position_embeddings
         for layer in bb.layers:
             hidden = layer(hidden)
         return bb.layernorm(hidden)
 
-    def features_from_pixels(self, pixels: torch.Tensor, representation: str = "tokens") -> torch.Tensor:
-        """Preprocessed pixels [B, 3, 224, 224] (see preprocess.to_model_input) -> features.
+    def features_from_pixels(self, pixels: torch.Tensor, representation: str = "tokens",
+                             pos_interpolation: str = "scale_factor") -> torch.Tensor:
+        """Preprocessed pixels [B, 3, H, W] (see preprocess.to_model_input) -> features.
 
-        representation: "tokens" [B, 196, C] (patch tokens, row-major 14x14; what robots use),
-        "cls" [B, C], "mean" / "max" [B, C] (pooled over patch tokens), "all_tokens" [B, 197, C]
-        (CLS first), "spatial" [B, C, 14, 14].
+        representation: "tokens" [B, N, C] (patch tokens, row-major; N = 196 = 14x14 at 224x224,
+        (H // 16) * (W // 16) otherwise; what robots use), "cls" [B, C], "mean" / "max" [B, C] (pooled
+        over patch tokens), "all_tokens" [B, 1 + N, C] (CLS first), "spatial" [B, C, H // 16, W // 16].
+        pos_interpolation: "scale_factor" or "size", how position embeddings reach a grid other than
+        14x14 (see :func:`interpolate_position_embeddings`).
         """
         check_representation(representation)
-        return select_representation(self.encode_pixels(pixels), representation, self.grid)
+        tokens = self.encode_pixels(pixels, pos_interpolation)
+        return select_representation(tokens, representation, self.patch_grid(*pixels.shape[-2:]))
+
+    def check_teacher_input(self, height: int, width: int) -> None:
+        """ValueError unless the translator heads can take pixels of ``height`` x ``width`` (224x224 only)."""
+        size = self.spec.image_size
+        if (int(height), int(width)) != (size, size):
+            raise ValueError(f"the teacher heads take {size}x{size} inputs only (they were trained on the "
+                             f"{self.grid}x{self.grid} patch grid), got {int(height)}x{int(width)} (height x width); "
+                             "use the theia profile without an input size, or a backbone representation")
 
     def teacher_from_pixels(self, pixels: torch.Tensor, teacher: str) -> torch.Tensor:
-        """Preprocessed pixels -> one teacher's predicted feature map [B, H*W, C_teacher]."""
+        """Preprocessed pixels [B, 3, 224, 224] -> one teacher's predicted feature map [B, H*W, C_teacher].
+        ValueError for any other input size."""
         head = self.heads[self.head_name(teacher)]
+        self.check_teacher_input(*pixels.shape[-2:])
         return head(self.encode_pixels(pixels)[:, 1:])
 
-    def export_module(self, representation: str = "tokens", teacher: Optional[str] = None) -> nn.Module:
+    def export_module(self, representation: str = "tokens", teacher: Optional[str] = None,
+                      input_size: Optional[Tuple[int, int]] = None, pos_interpolation: str = "scale_factor"
+                      ) -> nn.Module:
         """A module whose forward(pixels) returns one representation (or one teacher's map),
-        for torch.export / ONNX / TensorRT."""
+        for torch.export / ONNX / TensorRT.  With ``input_size`` (height, width) the module takes
+        pixels of that size only and holds their position embeddings as a constant (an exported graph
+        then has no interpolation in it)."""
+        check_pos_interpolation(pos_interpolation)
         if teacher is not None:
             self.head_name(teacher)
+            if input_size is not None:
+                self.check_teacher_input(*input_size)
         else:
             check_representation(representation)
-        return _ExportWrapper(self, representation, teacher)
+        return _ExportWrapper(self, representation, teacher, input_size, pos_interpolation)
 
     # ---- images in (uint8 RGB) ------------------------------------------------------------
-    def _pixels(self, images, preprocess: Optional[PreprocessConfig]) -> torch.Tensor:
+    def _pixels(self, images, config: Optional[PreprocessConfig]) -> torch.Tensor:
         if isinstance(images, torch.Tensor) and images.is_floating_point():
             raise TypeError("images must be uint8 RGB [B,H,W,3]; for preprocessed float pixels "
-                            "[B,3,224,224] use features_from_pixels / teacher_from_pixels")
-        pixels = to_model_input(images, preprocess, size=self.spec.image_size)
+                            "[B,3,H,W] use features_from_pixels / teacher_from_pixels")
+        pixels = to_model_input(images, config)
         return pixels.to(device=self.device, dtype=self.dtype, non_blocking=True)
 
     def forward_feature(self, images, representation: str = "tokens",
-                        preprocess: Optional[PreprocessConfig] = None) -> torch.Tensor:
-        """uint8 RGB images [B, H, W, 3] or [H, W, 3] (numpy or torch) -> features (see features_from_pixels)."""
+                        config: Optional[PreprocessConfig] = None) -> torch.Tensor:
+        """uint8 RGB images [B, H, W, 3] or [H, W, 3] (numpy or torch) -> features (see
+        features_from_pixels), preprocessed as ``config`` says (default: the reference pipeline;
+        ``config.pos_interpolation`` picks the position-embedding convention)."""
         check_representation(representation)
+        pos_interpolation = config.pos_interpolation if config is not None else "scale_factor"
         with torch.inference_mode():
-            return self.features_from_pixels(self._pixels(images, preprocess), representation)
+            return self.features_from_pixels(self._pixels(images, config), representation, pos_interpolation)
 
     def forward(self, images, teachers: Optional[Iterable[str]] = None,
-                preprocess: Optional[PreprocessConfig] = None) -> Dict[str, torch.Tensor]:
+                config: Optional[PreprocessConfig] = None) -> Dict[str, torch.Tensor]:
         """uint8 RGB images -> {teacher id: [B, H*W, C_teacher]} for ``teachers`` (default: all).
-        Only the heads asked for run; unknown teacher -> ValueError."""
+        Only the heads asked for run; unknown teacher -> ValueError; so is a ``config`` whose input
+        size is not 224x224 (the heads are 224-only)."""
         if isinstance(teachers, str):
             teachers = [teachers]
         wanted = list(self.teachers) if teachers is None else list(teachers)
         names = {t: self.head_name(t) for t in wanted}
         with torch.inference_mode():
-            patches = self.encode_pixels(self._pixels(images, preprocess))[:, 1:]
+            pixels = self._pixels(images, config)
+            self.check_teacher_input(*pixels.shape[-2:])
+            patches = self.encode_pixels(pixels)[:, 1:]
             return {TEACHER_SHORT_NAMES.get(t, t): self.heads[name](patches) for t, name in names.items()}
 
     def extra_repr(self) -> str:
@@ -312,16 +416,30 @@ class TheiaModel(nn.Module):
 
 
 class _ExportWrapper(nn.Module):
-    def __init__(self, model: TheiaModel, representation: str, teacher: Optional[str]):
+    def __init__(self, model: TheiaModel, representation: str, teacher: Optional[str],
+                 input_size: Optional[Tuple[int, int]] = None, pos_interpolation: str = "scale_factor"):
         super().__init__()
         self.model = model
         self.representation = representation
         self.teacher = teacher
+        self.pos_interpolation = pos_interpolation
+        self.input_size = None if input_size is None else (int(input_size[0]), int(input_size[1]))
+        pos = None
+        if self.input_size is not None:
+            with torch.no_grad():
+                pos = model.position_embeddings_for(*self.input_size, pos_interpolation).detach().clone()
+        self.register_buffer("position_embeddings", pos, persistent=False)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.input_size is not None and tuple(pixels.shape[-2:]) != self.input_size:
+            raise ValueError(f"this module takes {self.input_size[0]}x{self.input_size[1]} pixels (height x width), "
+                             f"got {tuple(pixels.shape[-2:])}")
         if self.teacher is not None:
-            return self.model.teacher_from_pixels(pixels, self.teacher)
-        return self.model.features_from_pixels(pixels, self.representation)
+            head = self.model.heads[self.model.head_name(self.teacher)]
+            self.model.check_teacher_input(*pixels.shape[-2:])
+            return head(self.model.encode_pixels(pixels, position_embeddings=self.position_embeddings)[:, 1:])
+        tokens = self.model.encode_pixels(pixels, self.pos_interpolation, self.position_embeddings)
+        return select_representation(tokens, self.representation, self.model.patch_grid(*pixels.shape[-2:]))
 
 
 # --------------------------------------------------------------------------------------------

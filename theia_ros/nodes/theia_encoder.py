@@ -31,7 +31,15 @@ from theia_ros.nodes.qos import qos_profile
 from theia_ros.nodes.runtime import forward_python_logging, run_node
 from theia_ros.nodes.stats import ArrivalAccounting, LogThrottle, StageStats
 from theia_ros.nodes.sync import FrameSynchronizer
-from theia_ros.preprocess import PreprocessConfig
+from theia_ros.preprocess import (
+    IMAGE_SIZE,
+    PATCH_SIZE,
+    POS_INTERPOLATIONS,
+    PROFILES,
+    PreprocessConfig,
+    input_size,
+    pos_interpolation_applies,
+)
 from theia_ros.representations import REPRESENTATIONS
 from theia_ros.stamps import stamp_seconds
 
@@ -76,6 +84,15 @@ ENCODER_PARAMETERS = (
           "any pixel is decoded.", int_range=(1, 2**31 - 1)),
     Param("crop", [0, 0, 0, 0], "Crop (x, y, w, h) applied to every camera before resizing; all zeros: none."),
     Param("letterbox", False, "Pad to a square before resizing instead of stretching (off: as the reference)."),
+    Param("preprocessing", "theia", "theia: the reference (resize to input_size, [-1, 1]); isaaclab: as Isaac Lab's "
+          "image_features observation (the image's own size unless input_size, ImageNet mean/std; docs/isaaclab.md). "
+          "Every message records it.", choices=PROFILES),
+    Param("input_size", [0, 0], "[height, width] the model sees, each >= 16 (patch grid height//16 x width//16); "
+          "[0, 0]: the profile's default, 224x224 for theia, each image's own size (after crop and letterbox) for "
+          "isaaclab."),
+    Param("pos_interpolation", "scale_factor", "How position embeddings reach a patch grid other than 14x14: "
+          "scale_factor as transformers <= 4.44 (the checkpoints' config.json), size as >= 4.45.",
+          choices=POS_INTERPOLATIONS),
     Param("debug_image", False, "Publish <name>/features_image: the tokens' first 3 principal components as RGB."),
     Param("debug_image_rate", 2.0, "Largest rate (Hz) of the debug images.", float_range=(0.01, 30.0)),
     Param("diagnostics_period", 1.0, "Seconds between /diagnostics messages.", float_range=(0.1, 60.0)),
@@ -84,17 +101,56 @@ ENCODER_PARAMETERS = (
     Param("autostart", True, "Configure and activate on start (for users without a lifecycle manager)."),
 )
 
-STARTUP_PARAMETERS = ("cameras", "letterbox", "autostart")
+STARTUP_PARAMETERS = ("cameras", "letterbox", "preprocessing", "input_size", "pos_interpolation", "autostart")
 
 
-def camera_parameters(camera, letterbox_default):
-    """Per-camera geometry (e.g. `wrist: {crop: [...]}`), declared once the camera names are known."""
+def camera_parameters(camera, defaults):
+    """Per-camera preprocessing (e.g. `wrist: {crop: [...], preprocessing: isaaclab}`), declared once the camera
+    names are known; `defaults`: the node-wide letterbox, preprocessing, input_size and pos_interpolation."""
     return (
         Param(f"{camera}.crop", [0, 0, 0, 0], f"Crop (x, y, w, h) of camera {camera}; all zeros: the node-wide crop.",
               attr="crop"),
-        Param(f"{camera}.letterbox", letterbox_default,
+        Param(f"{camera}.letterbox", defaults.letterbox,
               f"Letterbox camera {camera} (default: the node-wide letterbox).", attr="letterbox"),
+        Param(f"{camera}.preprocessing", defaults.preprocessing,
+              f"Preprocessing profile of camera {camera} (default: the node-wide preprocessing).", choices=PROFILES,
+              attr="preprocessing"),
+        Param(f"{camera}.input_size", list(defaults.input_size),
+              f"[height, width] the model sees for camera {camera}; [0, 0]: the profile's default (default: the "
+              "node-wide input_size).", attr="input_size"),
+        Param(f"{camera}.pos_interpolation", defaults.pos_interpolation,
+              f"Position-embedding interpolation of camera {camera} (default: the node-wide pos_interpolation).",
+              choices=POS_INTERPOLATIONS, attr="pos_interpolation"),
     )
+
+
+def fixed_input_size(config):
+    """The input size `config` gives every image (its size, or 224x224 for the theia profile); None where it is
+    each image's own (the isaaclab profile without a size)."""
+    return config.size or ((IMAGE_SIZE, IMAGE_SIZE) if config.profile == "theia" else None)
+
+
+def describe_config(config):
+    """e.g. 'isaaclab at 120x160, pos_interpolation scale_factor' or 'theia at 224x224'."""
+    size = fixed_input_size(config)
+    text = f"{config.profile} at " + ("each image's own size" if size is None else f"{size[0]}x{size[1]}")
+    if size is None or pos_interpolation_applies(size):
+        text += f", pos_interpolation {config.pos_interpolation}"
+    return text + (f", crop {list(config.crop)}" if config.crop else "") + (", letterbox" if config.letterbox else "")
+
+
+def preprocess_config(camera, geometry, node_crop):
+    """The PreprocessConfig of one camera from its parameters; ValueError naming the parameter when one is wrong."""
+    crop = list(geometry.crop) if any(geometry.crop) else list(node_crop)
+    size = [int(v) for v in geometry.input_size]
+    if len(size) != 2 or (any(size) and min(size) < PATCH_SIZE):
+        raise ValueError(f"parameter {camera}.input_size (or input_size)={size}: needs [height, width], each >= "
+                         f"{PATCH_SIZE}, or [0, 0] for the profile's default")
+    if len(crop) != 4:
+        raise ValueError(f"parameter {camera}.crop (or crop)={crop}: needs four integers [x, y, w, h]")
+    return PreprocessConfig(crop=tuple(crop) if any(crop) else None, letterbox=geometry.letterbox,
+                            profile=geometry.preprocessing, size=tuple(size) if any(size) else None,
+                            pos_interpolation=geometry.pos_interpolation)
 
 
 class _Camera:
@@ -120,7 +176,7 @@ class TheiaEncoderNode(LifecycleNode):
         # what start-up needs before configure: the cameras' own parameters, and whether to autostart
         self.startup = read_parameters(self, [p for p in ENCODER_PARAMETERS if p.name in STARTUP_PARAMETERS])
         for camera in self.startup.cameras:
-            declare_parameters(self, camera_parameters(camera, self.startup.letterbox))
+            declare_parameters(self, camera_parameters(camera, self.startup))
         self.params = None  # read at configure
         self.encoder = None
         self.cameras = {}
@@ -141,17 +197,31 @@ class TheiaEncoderNode(LifecycleNode):
             names = list(p.cameras)
             if not names or len(set(names)) != len(names):
                 raise ValueError(f"parameter cameras={names}: needs one or more distinct names")
-            geometry = {name: read_parameters(self, camera_parameters(name, p.letterbox)) for name in names}
+            configs = {name: preprocess_config(name, read_parameters(self, camera_parameters(name, p)), p.crop)
+                       for name in names}
             if p.torch_threads > 0:
                 import torch
 
                 torch.set_num_threads(p.torch_threads)
+            # one engine per input size the cameras' parameters fix (an isaaclab camera without input_size: the
+            # size of its images, built at its first frame)
+            known = {}
+            for name in names:
+                size = fixed_input_size(configs[name])
+                if size is not None:
+                    known.setdefault((size, configs[name].pos_interpolation), name)
+            (first_size, first_pos), *others = list(known) or [(None, p.pos_interpolation)]
             self.encoder = create_encoder(
                 p.model, seed=p.seed, backend=p.backend, precision=p.precision, device=p.device,
                 max_batch=p.max_batch, representation=p.representation, output_dtype=p.output_dtype,
-                cache_dir=p.engine_cache_dir or None, fp32_acc=p.tensorrt_fp32_acc)
-            self.encoder.warm_up()
-            self.cameras = {name: _Camera(name, self._preprocess_config(geometry[name])) for name in names}
+                cache_dir=p.engine_cache_dir or None, fp32_acc=p.tensorrt_fp32_acc, input_size=first_size,
+                pos_interpolation=first_pos)
+            for size, pos in others:
+                self.encoder.prepare(size, pos)
+            self.encoder.warm_up(shapes=[(size, PreprocessConfig(profile=configs[name].profile, size=size,
+                                                                 pos_interpolation=pos))
+                                         for (size, pos), name in known.items()] or None)
+            self.cameras = {name: _Camera(name, configs[name]) for name in names}
             self.metadata = self.encoder.metadata  # fields every features message carries, fixed until cleanup
             self._debug_period = 1.0 / p.debug_image_rate
         except Exception as exc:  # a bad checkpoint or parameter must not take the process down
@@ -163,7 +233,9 @@ class TheiaEncoderNode(LifecycleNode):
         msg = (f"configured in {time.monotonic() - t0:.1f} s: {self.encoder.model.variant} "
                f"({meta['weights_id']}), backend {identity['backend']} {identity['precision']} "
                f"on {identity['device']}, "
-               f"representation {meta['representation']}, cameras {', '.join(self.cameras)}, mode {self.params.mode}"
+               f"representation {meta['representation']}, cameras "
+               + ", ".join(f"{c.name} ({describe_config(c.preprocess_config)})" for c in self.cameras.values())
+               + f", mode {self.params.mode}"
                + (f", engine {identity['engine']}" if identity.get("engine") else ""))
         if meta["random_weights"]:
             self.get_logger().warning(f"{self._random_tag()}{msg}. RANDOM WEIGHTS: the features mean nothing; "
@@ -182,10 +254,6 @@ class TheiaEncoderNode(LifecycleNode):
             self._publish_features = self._publish_independent
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         return TransitionCallbackReturn.SUCCESS
-
-    def _preprocess_config(self, geometry):
-        crop = list(geometry.crop) if any(geometry.crop) else list(self.params.crop)
-        return PreprocessConfig(crop=tuple(crop) if any(crop) else None, letterbox=geometry.letterbox)
 
     def on_activate(self, state):
         qos = qos_profile(self.params.qos, depth=1)  # the newest frame wins; replaced frames are counted
@@ -317,8 +385,11 @@ class TheiaEncoderNode(LifecycleNode):
     def _encode_and_publish(self, batch):
         cams = [b[0] for b in batch]
         features, timings = self.encoder.encode([b[3] for b in batch], [c.preprocess_config for c in cams])
-        t_pub = time.perf_counter()
-        msgs = [to_features_msg(features[i], header=msg.header, camera=cam.name, **self.metadata)
+        t_pub = time.perf_counter()  # features: a tensor [B, ...], or per-frame tensors (several patch grids)
+        sizes = [input_size(cam.preprocess_config, rgb.shape[:2]) for cam, _, _, rgb in batch]
+        msgs = [to_features_msg(features[i], header=msg.header, camera=cam.name, **self.metadata,
+                                preprocessing=cam.preprocess_config.profile,
+                                pos_interpolation=cam.preprocess_config.pos_interpolation, input_size=sizes[i])
                 for i, (cam, msg, _, _) in enumerate(batch)]
         self._publish_features(cams, msgs)
         done = time.perf_counter()
@@ -337,7 +408,7 @@ class TheiaEncoderNode(LifecycleNode):
             s.latency["node_overhead"].add(overhead)
             s.latency["age_at_publish"].add(now_wall - stamp_seconds(msg.header.stamp))
             if cam.debug_pub is not None:
-                self._maybe_publish_debug(cam, msg, features[i])
+                self._maybe_publish_debug(cam, msg, features[i], (sizes[i][0] // PATCH_SIZE, sizes[i][1] // PATCH_SIZE))
         self.node_stats.counts["batches"] += 1
         self.node_stats.latency["batch"].add(done - min(b[2] for b in batch))
 
@@ -352,7 +423,7 @@ class TheiaEncoderNode(LifecycleNode):
         multi.max_stamp_skew = float(max(stamps) - min(stamps))
         self.multi_pub.publish(multi)
 
-    def _maybe_publish_debug(self, cam, msg, tensor):
+    def _maybe_publish_debug(self, cam, msg, tensor, grid):
         now = time.monotonic()
         if now - cam.last_debug < self._debug_period:
             return
@@ -364,8 +435,8 @@ class TheiaEncoderNode(LifecycleNode):
         elif rep == "all_tokens":
             tokens = tokens[1:]
         elif rep != "tokens":
-            return  # pooled vectors and teacher spaces have no 14x14 token grid to show
-        picture = tokens_to_rgb(tokens)
+            return  # pooled vectors and teacher spaces have no token grid to show
+        picture = tokens_to_rgb(tokens, grid)
         image = Image(header=msg.header, height=picture.shape[0], width=picture.shape[1], encoding="rgb8",
                       step=picture.shape[1] * 3)
         image.data = picture.tobytes()

@@ -32,7 +32,13 @@ from sensor_msgs.msg import JointState
 from std_srvs.srv import SetBool
 
 from theia_ros.commands import COMMAND_FORMATS, EE_DELTA_DIM, CommandTarget
-from theia_ros.features import FeaturesFormatError, features_to_numpy
+from theia_ros.features import (
+    POS_INTERPOLATIONS,
+    PREPROCESSING_PROFILES,
+    FeaturesFormatError,
+    features_to_numpy,
+    preprocessing_of,
+)
 from theia_ros.msg import Features, MultiCameraFeatures
 from theia_ros.nodes.diagnostics import diagnostic_array, diagnostic_status
 from theia_ros.nodes.parameters import Param, declare_parameters, read_parameters
@@ -40,7 +46,7 @@ from theia_ros.nodes.qos import qos_profile
 from theia_ros.nodes.runtime import message_class, run_node
 from theia_ros.nodes.stats import LatencyWindow, LogThrottle, RateMeter
 from theia_ros.policies import ObservationBuffer, ObservationError, PolicyError, make_policy
-from theia_ros.policies.buffer import FutureStampError, check_not_ahead
+from theia_ros.policies.buffer import FutureStampError, PreprocessingMismatchError, check_not_ahead
 from theia_ros.policies.safety import CommandFilter, step_dt
 from theia_ros.resources import resolve_package_path
 from theia_ros.stamps import stamp_seconds
@@ -60,6 +66,13 @@ POLICY_PARAMETERS = (
           choices=("per_camera", "synchronized")),
     Param("representation", "tokens", "Representation the policy observes (no checkpoint only)."),
     Param("feature_shape", [196, 192], "Shape of one camera's features (no checkpoint only)."),
+    Param("preprocessing", "theia", "Preprocessing of the features the policy takes (no checkpoint only; a "
+          "checkpoint records its own, none recorded: theia at 224x224); features made otherwise are refused "
+          "(counted as refused_preprocessing, logged).", choices=PREPROCESSING_PROFILES),
+    Param("input_size", [0, 0], "[height, width] the encoder's model saw (no checkpoint only); [0, 0]: 224x224 "
+          "for theia, not checked for isaaclab."),
+    Param("pos_interpolation", "scale_factor", "Position-embedding interpolation of those features (no checkpoint "
+          "only; compared only where it changes them: inputs other than 224x224).", choices=POS_INTERPOLATIONS),
     Param("history", 1, "Frames of history per camera (no checkpoint only).", int_range=(1, 64)),
     Param("joint_names", ["joint1"], "Commanded joints, in command order (no checkpoint only)."),
     Param("proprio_joints", [SAME_AS_JOINT_NAMES], "Joints observed from joint_states (no checkpoint only); "
@@ -110,10 +123,14 @@ def build_policy(p: SimpleNamespace):
     """The policy the parameters ask for: from a checkpoint, or by name from the spec parameters."""
     if p.policy_checkpoint:
         return make_policy(p.policy or None, checkpoint=resolve_package_path(p.policy_checkpoint))
+    if len(p.input_size) != 2:
+        raise ValueError(f"parameter input_size={list(p.input_size)}: needs [height, width] ([0, 0]: the default)")
     config = {
         "observation": {"cameras": list(p.cameras), "representation": p.representation,
                         "feature_shape": list(p.feature_shape), "proprio_joints": p.proprio_joints,
-                        "history": p.history},
+                        "history": p.history, "preprocessing": p.preprocessing,
+                        "input_size": list(p.input_size) if any(p.input_size) else None,
+                        "pos_interpolation": p.pos_interpolation},
         "action": {"joint_names": list(p.joint_names), "mode": p.action_mode},
         "params": yaml.safe_load(p.policy_params) or {},
     }
@@ -147,7 +164,7 @@ class TheiaPolicyNode(Node):
         self.moving = False  # velocity mode: a command was sent and no zero velocity since
         self.random_features = False
         self.counts = {"commands": 0, "observation_errors": 0, "rejected_actions": 0, "stale_ticks": 0,
-                       "bad_messages": 0, "future_stamps": 0, "zero_velocity_stops": 0}
+                       "bad_messages": 0, "future_stamps": 0, "refused_preprocessing": 0, "zero_velocity_stops": 0}
         self.act_latency = LatencyWindow()
         self.command_rate = RateMeter()
         self._throttle = LogThrottle(period=2.0)
@@ -170,7 +187,8 @@ class TheiaPolicyNode(Node):
         self.create_timer(p.diagnostics_period, self._publish_diagnostics)
         self.get_logger().info(
             f"policy {self.policy.name} ({type(self.policy).__name__}): cameras {spec.cameras} "
-            f"{spec.representation} {list(spec.feature_shape)} x{spec.history}, joints {action.joint_names} "
+            f"{spec.representation} {list(spec.feature_shape)} x{spec.history} preprocessed "
+            f"{spec.trained_preprocessing.describe()}, joints {action.joint_names} "
             f"({action.mode}), {p.command_format} on {self.command_pub.topic_name} at {p.rate} Hz, "
             f"{'enabled' if self.enabled else 'disabled (call ~/enable)'}")
 
@@ -215,9 +233,13 @@ class TheiaPolicyNode(Node):
                 self.get_logger().warning(f"[RANDOM WEIGHTS] features on {camera} come from random weights "
                                           f"({msg.weights_id}): actions are meaningless")
             self.buffer.push_features(camera, stamp_seconds(msg.header.stamp), array,
-                                      representation=msg.representation, model_id=msg.model_id, arrival=arrival)
+                                      representation=msg.representation, model_id=msg.model_id,
+                                      preprocessing=preprocessing_of(msg), arrival=arrival)
         except FutureStampError as exc:
             self._on_future_stamp(f"features from {camera}", exc)
+        except PreprocessingMismatchError as exc:  # never commands from them: they never reach the buffer
+            self.counts["refused_preprocessing"] += 1
+            self._warn(("preprocessing", camera), f"refused features from {camera}: {exc}")
         except (FeaturesFormatError, ObservationError) as exc:
             self.counts["bad_messages"] += 1
             self._warn(("features", camera, type(exc).__name__), f"dropped features from {camera}: {exc}")
@@ -352,13 +374,16 @@ class TheiaPolicyNode(Node):
 
     def _publish_diagnostics(self):
         message = ("disabled" if not self.enabled else "stale observations: not commanding" if self.stale
-                   else "commanding") + (" (features from RANDOM WEIGHTS)" if self.random_features else "")
+                   else "commanding") + (" (features from RANDOM WEIGHTS)" if self.random_features else "") + (
+            f" ({self.counts['refused_preprocessing']} features refused: other preprocessing)"
+            if self.counts["refused_preprocessing"] else "")
         p = self.act_latency.percentiles_ms()
         values = {"enabled": self.enabled, "stale": self.stale, "command_hz": round(self.command_rate.rate(), 2),
                   "act_ms_p50": round(p[50], 3), "act_ms_p99": round(p[99], 3),
                   "observation_age_s": round(self.buffer.age(self._now()), 3),
                   "random_weight_features": self.random_features, **self.counts, **self.safety.counts}
-        warn = bool(self.random_features or self.stale or self.counts["rejected_actions"])
+        warn = bool(self.random_features or self.stale or self.counts["rejected_actions"]
+                    or self.counts["refused_preprocessing"])
         status = diagnostic_status(f"{self.get_name()}: policy", self.policy.name, warn=warn, message=message,
                                    values=values)
         self.diag_pub.publish(diagnostic_array(self, [status]))

@@ -20,12 +20,18 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from theia_ros.features import Preprocessing
 from theia_ros.policies.errors import ObservationError
 from theia_ros.policies.specs import Observation, ObservationSpec, check_finite
 
 
 class FutureStampError(ObservationError):
     """A message stamped further ahead of the receiver's clock than the buffer tolerates."""
+
+
+class PreprocessingMismatchError(ObservationError):
+    """Features preprocessed otherwise than the policy's were trained on (profile, input size or
+    position-embedding interpolation): the message says both."""
 
 
 def check_not_ahead(stamp: float, arrival: float, tolerance: float | None, what: str) -> None:
@@ -68,6 +74,7 @@ class ObservationBuffer:
             raise ValueError("max_future_stamp must be >= 0 (or None)")
         self.max_future_stamp = None if max_future_stamp is None else float(max_future_stamp)
         self.spec = spec
+        self._trained = spec.trained_preprocessing
         self.max_skew = float(max_skew)
         self.proprio_tolerance = float(proprio_tolerance)
         cap = frame_capacity if frame_capacity is not None else 2 * spec.history + 4
@@ -99,9 +106,13 @@ class ObservationBuffer:
     # ---- input
 
     def push_features(self, camera: str, stamp: float, array, *, representation: str | None = None,
-                      model_id: str | None = None, arrival: float | None = None) -> None:
-        """Add one camera's features (copied as float32). `representation` and `model_id`, when
-        given (from the message), are checked against the spec; `arrival`: when it arrived (see the class)."""
+                      model_id: str | None = None, preprocessing: Preprocessing | None = None,
+                      arrival: float | None = None) -> None:
+        """Add one camera's features (copied as float32). `representation`, `model_id` and
+        `preprocessing` (a :class:`~theia_ros.features.Preprocessing`, e.g.
+        :func:`~theia_ros.features.preprocessing_of` the message), when given, are checked against the
+        spec (other preprocessing: :class:`PreprocessingMismatchError`); `arrival`: when it arrived
+        (see the class)."""
         spec = self.spec
         if camera not in self._frames:
             raise ObservationError(f"unknown camera {camera!r}; the policy observes {self._cams}")
@@ -114,6 +125,10 @@ class ObservationBuffer:
         if model_id is not None and spec.model_id is not None and model_id != spec.model_id:
             raise ObservationError(f"camera {camera!r}: features from model {model_id!r}, the policy "
                                    f"was trained on {spec.model_id!r}")
+        if preprocessing is not None:
+            why = self._trained.mismatch(preprocessing)
+            if why is not None:
+                raise PreprocessingMismatchError(f"camera {camera!r}: {why}")
         x = np.asarray(array)
         if x.shape != spec.feature_shape:
             raise ObservationError(f"camera {camera!r}: features have shape {x.shape}, expected "

@@ -16,6 +16,15 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from theia_ros.features import (
+    DEFAULT_POS_INTERPOLATION,
+    DEFAULT_PREPROCESSING,
+    POS_INTERPOLATIONS,
+    PREPROCESSING_PROFILES,
+    REFERENCE_INPUT_SIZE,
+    Preprocessing,
+    check_input_size,
+)
 from theia_ros.policies.errors import ObservationError, PolicyConfigError
 from theia_ros.representations import REPRESENTATIONS, TEACHER_PREFIX
 
@@ -52,6 +61,12 @@ class ObservationSpec:
     model_id: optional encoder model id (e.g. "theaiinstitute/theia-tiny-patch16-224-cddsv");
         when set, features tagged with another model id are rejected (cdiv and cddsv have the
         same shape but different features).
+    preprocessing, input_size, pos_interpolation: how the features were made (the Features
+        message's fields of those names, see :class:`theia_ros.features.Preprocessing`): features
+        made otherwise are refused. None: "theia"; input_size None: 224x224 for "theia", any size
+        (not checked) for "isaaclab"; pos_interpolation None: "scale_factor". A spec (a checkpoint)
+        without them therefore means the reference preprocessing at 224x224. With input_size,
+        feature_shape must fit its patch grid (input_size // 16).
     """
 
     cameras: list[str]
@@ -60,6 +75,9 @@ class ObservationSpec:
     proprio_joints: list[str] = field(default_factory=list)
     history: int = 1
     model_id: str | None = None
+    preprocessing: str | None = None
+    input_size: tuple[int, int] | None = None
+    pos_interpolation: str | None = None
 
     def __post_init__(self):
         self.cameras = check_names("cameras", self.cameras, allow_empty=False)
@@ -73,22 +91,45 @@ class ObservationSpec:
         if isinstance(self.history, bool) or not isinstance(self.history, (int, np.integer)) or self.history < 1:
             raise PolicyConfigError(f"history must be an int >= 1, got {self.history!r}")
         self.history = int(self.history)
+        if self.preprocessing is not None and self.preprocessing not in PREPROCESSING_PROFILES:
+            raise PolicyConfigError(f"preprocessing must be one of {list(PREPROCESSING_PROFILES)}, got "
+                                    f"{self.preprocessing!r}")
+        if self.pos_interpolation is not None and self.pos_interpolation not in POS_INTERPOLATIONS:
+            raise PolicyConfigError(f"pos_interpolation must be one of {list(POS_INTERPOLATIONS)}, got "
+                                    f"{self.pos_interpolation!r}")
+        if self.input_size is not None:
+            try:
+                self.input_size = check_input_size(self.input_size)
+            except ValueError as exc:
+                raise PolicyConfigError(str(exc)) from None
         rep, shape = self.representation, self.feature_shape
         if not isinstance(rep, str):
             raise PolicyConfigError(f"representation must be a string, got {rep!r}")
         expected_ndim = {"tokens": 2, "all_tokens": 2, "spatial": 3, "cls": 1, "mean": 1, "max": 1}
+        grid = self.trained_preprocessing.patch_grid if self.input_size is not None else None
         if rep in expected_ndim:
             ok = len(shape) == expected_ndim[rep]
-            if ok and rep == "tokens":
+            if ok and grid is not None:  # the recorded input size fixes the patch grid
+                ok = {"tokens": shape[0] == grid[0] * grid[1], "all_tokens": shape[0] == 1 + grid[0] * grid[1],
+                      "spatial": tuple(shape[1:]) == grid}.get(rep, True)
+            elif ok and rep == "tokens" and self.preprocessing != "isaaclab":
                 ok = _is_square(shape[0])
-            elif ok and rep == "all_tokens":
+            elif ok and rep == "all_tokens" and self.preprocessing != "isaaclab":
                 ok = _is_square(shape[0] - 1)
             if not ok:
-                raise PolicyConfigError(
-                    f"feature_shape {shape} does not fit representation {rep!r} ({REPRESENTATIONS[rep]})")
+                grid_text = f" on the {grid[0]}x{grid[1]} patch grid of input_size {self.input_size}" if grid else ""
+                raise PolicyConfigError(f"feature_shape {shape} does not fit representation {rep!r} "
+                                        f"({REPRESENTATIONS[rep]}){grid_text}")
         elif not rep.startswith(TEACHER_PREFIX):
             raise PolicyConfigError(
                 f"unknown representation {rep!r}; known: {sorted(REPRESENTATIONS)} or '{TEACHER_PREFIX}<id>'")
+
+    @property
+    def trained_preprocessing(self) -> Preprocessing:
+        """The preprocessing of the features this spec accepts (the defaults filled in, see the class)."""
+        profile = self.preprocessing or DEFAULT_PREPROCESSING
+        size = self.input_size or (REFERENCE_INPUT_SIZE if profile == DEFAULT_PREPROCESSING else None)
+        return Preprocessing(profile, size, self.pos_interpolation or DEFAULT_POS_INTERPOLATION)
 
     @property
     def feature_dim(self) -> int:
@@ -112,6 +153,10 @@ class ObservationSpec:
         }
         if self.model_id is not None:
             d["model_id"] = self.model_id
+        for key in ("preprocessing", "input_size", "pos_interpolation"):  # absent: the reference (see the class)
+            value = getattr(self, key)
+            if value is not None:
+                d[key] = list(value) if key == "input_size" else value
         return d
 
     @classmethod
