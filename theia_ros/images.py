@@ -32,6 +32,7 @@ __all__ = [
     "decode_compressed",
     "compressed_size",
     "message_to_rgb",
+    "as_rgb_batch",
 ]
 
 # ROS `sensor_msgs/Image.encoding` values image_to_rgb understands -> channels per pixel
@@ -265,3 +266,18 @@ def message_to_rgb(msg, max_pixels: int | None = None) -> np.ndarray:
     if hasattr(msg, "format"):
         return decode_compressed(msg.data, msg.format, max_pixels)
     return image_to_rgb(msg.data, msg.height, msg.width, msg.step, msg.encoding, max_pixels)
+
+
+def as_rgb_batch(arr):
+    """`arr` (numpy or torch) as an RGB batch [B, H, W, 3]: one image [H, W, 3] gains a batch axis.
+    Raises ValueError for a wrong rank, channel count or empty images (the dtype is the caller's)."""
+    if arr.ndim == 3:
+        arr = arr[None]
+    elif arr.ndim != 4:
+        raise ValueError(f"images must have shape [B,H,W,3] or [H,W,3], got rank {arr.ndim} {tuple(arr.shape)}")
+    b, h, w, c = arr.shape
+    if c != 3:
+        raise ValueError(f"images must be RGB with 3 channels in the last dimension, got shape {tuple(arr.shape)}")
+    if b == 0 or h == 0 or w == 0:
+        raise ValueError(f"empty images: shape {tuple(arr.shape)}")
+    return arr

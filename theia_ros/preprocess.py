@@ -25,6 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from theia_ros.images import as_rgb_batch
+from theia_ros.resize import resize_like_pil
+
 __all__ = [
     "IMAGE_SIZE",
     "IMAGENET_MEAN",
@@ -188,15 +191,7 @@ def _check_images(images) -> torch.Tensor:
     else:
         raise TypeError(
             f"images must be a uint8 numpy array or torch tensor [B,H,W,3] or [H,W,3], got {type(images).__name__}")
-    if arr.ndim == 3:
-        arr = arr[None]
-    elif arr.ndim != 4:
-        raise ValueError(f"images must have shape [B,H,W,3] or [H,W,3], got rank {arr.ndim} {tuple(arr.shape)}")
-    b, h, w, c = arr.shape
-    if c != 3:
-        raise ValueError(f"images must be RGB with 3 channels in the last dimension, got shape {tuple(arr.shape)}")
-    if b == 0 or h == 0 or w == 0:
-        raise ValueError(f"empty images: shape {tuple(arr.shape)}")
+    arr = as_rgb_batch(arr)
     if isinstance(arr, np.ndarray):
         if any(s < 0 for s in arr.strides):  # e.g. a [..., ::-1] BGR view: torch needs positive strides
             arr = np.ascontiguousarray(arr)
@@ -231,22 +226,10 @@ def apply_crop_letterbox(images: torch.Tensor, config: PreprocessConfig) -> torc
     return images
 
 
-def _pil_resize():
-    """H-B's PIL-exact bilinear resize (theia_ros.resize.resize_like_pil), when present."""
-    try:
-        from theia_ros.resize import resize_like_pil
-    except ImportError:
-        return None
-    return resize_like_pil
-
-
 def _resize_theia(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     """uint8 NHWC -> uint8 NCHW (a view of NHWC memory) at ``size``: the reference's bilinear resize."""
-    if x.device.type == "cpu":
-        resize = _pil_resize()
-        if resize is not None:  # bit-exact PIL BILINEAR
-            return torch.as_tensor(resize(x, size)).permute(0, 3, 1, 2)
-        return F.interpolate(x.permute(0, 3, 1, 2), size=size, mode="bilinear", align_corners=False, antialias=True)
+    if x.device.type == "cpu":  # bit-exact PIL BILINEAR, as the reference resizes
+        return resize_like_pil(x, size).permute(0, 3, 1, 2)
     # uint8 antialiasing is a CPU kernel; elsewhere resize in float and round like uint8 would
     x = F.interpolate(x.permute(0, 3, 1, 2).float(), size=size, mode="bilinear", align_corners=False, antialias=True)
     return x.round_().clamp_(0, 255)

@@ -40,6 +40,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from theia_ros.images import as_rgb_batch
+
 __all__ = [
     "PRECISION_BITS",
     "ORDERS",
@@ -333,15 +335,8 @@ def resize_like_pil(images, size: Tuple[int, int], *, order: str = "pillow13") -
     empty images or a size that is not two positive integers.
     """
     arr, device = _as_numpy(images)
-    if arr.ndim == 3:
-        arr = arr[None]
-    elif arr.ndim != 4:
-        raise ValueError(f"images must have shape [B,H,W,3] or [H,W,3], got rank {arr.ndim} {tuple(arr.shape)}")
-    B, H, W, C = arr.shape
-    if C != 3:
-        raise ValueError(f"images must be RGB with 3 channels in the last dimension, got shape {tuple(arr.shape)}")
-    if B == 0 or H == 0 or W == 0:
-        raise ValueError(f"empty images: shape {tuple(arr.shape)}")
+    arr = as_rgb_batch(arr)
+    B, H, W, _ = arr.shape
     try:
         h, w = (int(v) for v in size)
         valid = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in size) and h >= 1 and w >= 1
