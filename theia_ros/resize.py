@@ -246,7 +246,7 @@ def _workspace(key) -> _Workspace:
     return ws
 
 
-_BLOCK_ROWS = 48  # a transposing copy goes this many source rows at a time: ~2x faster than in one go
+_BLOCK_ROWS = 128  # a transposing copy goes this many source rows at a time: ~1.7x faster than in one go
 
 
 def _copy(dst: np.ndarray, src: np.ndarray, transposed: bool) -> None:
