@@ -80,3 +80,31 @@ def test_token_picture_shows_the_principal_components():
     assert abs(top[0] - bottom[0]) > 200  # first component separates the halves
     with pytest.raises(ValueError):
         tokens_to_rgb(np.zeros((10, 4)))
+
+
+def test_a_stop_hides_only_rclpy_objects_it_interrupted_half_built():
+    """A signal can land inside rclpy's Task constructor; the half-built Task then fails in __del__
+    ("Exception ignored ... no attribute '_exception'"): hidden after a stop, and only that."""
+    import sys
+    import types
+
+    from rclpy.task import Future
+
+    from theia_ros.nodes.runtime import StopSignals
+
+    seen = []
+    stop = StopSignals()
+    stop._default_unraisable = seen.append
+    half_built = types.SimpleNamespace(exc_value=AttributeError("'Task' object has no attribute '_exception'"),
+                                       object=Future.__del__)
+    stop._unraisable(half_built)
+    assert seen == [half_built]  # no stop asked for: reported as usual
+    stop.requested = 2
+    stop._unraisable(half_built)
+    ours = types.SimpleNamespace(exc_value=AttributeError("x"),
+                                 object=test_sequence_gaps_count_lost_frames_and_survive_a_restart)
+    other = types.SimpleNamespace(exc_value=ValueError("y"), object=Future.__del__)
+    stop._unraisable(ours)
+    stop._unraisable(other)
+    assert seen == [half_built, ours, other]  # after a stop only the rclpy AttributeError is hidden
+    assert sys.unraisablehook is not stop._unraisable  # install() was not called: nothing global changed
