@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from conformance_weights import write_checkpoint
+from test_backends import fake_trt, needs_ort, one_torch_thread  # noqa: F401 (pytest fixtures and marker shared with test_backends)
 
 from theia_ros.backends import cache
 from theia_ros.backends.base import BackendError
@@ -41,24 +42,6 @@ VARIANT = "theia-tiny-patch16-224-cddsv"
 SIZES = [(224, 224), (480, 640), (128, 128), (100, 150), (96, 128), (720, 1280)]
 CONVENTIONS = ("scale_factor", "size")
 TINY = "random:theia-tiny-patch16-224-cddsv"
-
-
-def _has(module):
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
-
-
-needs_ort = pytest.mark.skipif(not (_has("onnxruntime") and _has("onnx") and _has("onnxscript")),
-                               reason="onnxruntime / onnx / onnxscript not installed")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -353,18 +336,9 @@ def test_onnx_engines_for_two_sizes_coexist_and_match_torch(tiny, engine_cache):
                                                                 pos_interpolation="size"))
 
 
-def test_tensorrt_stand_in_at_another_size(tiny, monkeypatch):
+def test_tensorrt_stand_in_at_another_size(tiny, fake_trt):  # noqa: F811 (the imported pytest fixture, as a parameter)
     """The TensorRT build path at a size other than 224x224, with the CPU stand-in for torch_tensorrt."""
-    from test_backends import _FakeTorchTensorRT
-
-    from theia_ros.backends import tensorrt_backend as trtb
-
-    fake = _FakeTorchTensorRT()
-    env = {"gpu_name": "Fake GPU", "compute_capability": "8.7", "platform": "x86_64", "torch": torch.__version__,
-           "cuda": "12.6", "torch_tensorrt": "0.0-fake", "tensorrt": "10.3.0"}
-    monkeypatch.setattr(trtb.TensorRTBackend, "_require_cuda", False)
-    monkeypatch.setattr(trtb, "import_torch_tensorrt", lambda: fake)
-    monkeypatch.setattr(trtb, "gpu_environment", lambda device: dict(env))
+    fake = fake_trt
     model = copy.deepcopy(tiny)
     backend = create_backend("tensorrt", model, precision="fp32", device="cpu", max_batch=2, input_size=(96, 128))
     assert fake.compiles[0]["arg_inputs"][0].max_shape == (2, 3, 96, 128)

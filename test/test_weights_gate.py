@@ -11,6 +11,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from test_backends import fake_trt  # noqa: F401 (a pytest fixture shared with test_backends)
 
 from theia_ros.backends import cache
 from theia_ros.backends.factory import create_backend
@@ -169,19 +170,10 @@ def test_altered_cached_onnx_graph_fails_the_gate_and_is_rebuilt(tiny, tmp_path,
           f"tampered graph's cosine {tampered_cos:.4f}")
 
 
-def test_cached_tensorrt_engine_failing_the_gate_is_rebuilt(tiny, tmp_path, monkeypatch, caplog):
+def test_cached_tensorrt_engine_failing_the_gate_is_rebuilt(tiny, tmp_path, monkeypatch, caplog, fake_trt):  # noqa: F811 (the imported pytest fixture, as a parameter)
     """The TensorRT path on the CPU, with test_backends' stand-in for torch_tensorrt: a cached engine that
     loads but computes something else (what an altered engine file with a matching sidecar gives)."""
-    from test_backends import _FakeTorchTensorRT
-
-    from theia_ros.backends import tensorrt_backend as trtb
-
-    fake = _FakeTorchTensorRT()
-    env = {"gpu_name": "Fake GPU", "compute_capability": "8.7", "platform": "x86_64", "torch": torch.__version__,
-           "cuda": "12.6", "torch_tensorrt": "0.0-fake", "tensorrt": "10.3.0"}
-    monkeypatch.setattr(trtb.TensorRTBackend, "_require_cuda", False)
-    monkeypatch.setattr(trtb, "import_torch_tensorrt", lambda: fake)
-    monkeypatch.setattr(trtb, "gpu_environment", lambda device: dict(env))
+    fake = fake_trt
     model = copy.deepcopy(tiny)
     options = {"precision": "bf16", "device": "cpu", "max_batch": 2, "cache_dir": tmp_path / "engines"}
     first = create_backend("tensorrt", model, **options)
