@@ -25,6 +25,9 @@ setup(
     extras_require={
         "bags": ["rosbags", "tqdm", "matplotlib"],
         "onnx": ["onnx", "onnxruntime", "onnxscript"],
+        "openvino": ["openvino", "nncf"],
+        "fast-resize": ["numba"],
+        "fleet": ["ray", "rosbags", "tqdm"],
     },
     entry_points={
         "console_scripts": [
