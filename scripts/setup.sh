@@ -75,5 +75,8 @@ import theia_ros
 from theia_ros.msg import Features, MultiCameraFeatures  # noqa: F401
 import theia_ros.features  # noqa: F401
 PY
+# Compile the exact resize's numba kernel into numba's on-disk cache now (~10-15 s once), so that
+# neither the first node start nor the first test pays it.
+python -c "from theia_ros.resize import prepare; print('[setup] reference resize route:', prepare())"
 end=$(date +%s)
 echo "[setup] done in $((end - start)) s; venv size $(du -sh "$venv" | cut -f1)"

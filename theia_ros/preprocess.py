@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from theia_ros.images import as_rgb_batch
-from theia_ros.resize import resize_like_pil
+from theia_ros.resize import resize_like_pil, resize_normalized_like_pil
 
 __all__ = [
     "IMAGE_SIZE",
@@ -235,6 +235,20 @@ def _resize_theia(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     return x.round_().clamp_(0, 255)
 
 
+def _resize_normalize_theia(x: torch.Tensor, size: Tuple[int, int],
+                            out: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """uint8 NHWC on the CPU -> the theia model input (resize, then x / 127.5 - 1) in one pass over the
+    pixels, written to ``out`` (or a new tensor): the numba route of theia_ros.resize, the same bits as
+    resizing then normalising. None, with nothing written, where that route is not installed."""
+    target = (x.shape[0], 3, *size)
+    if out is None:
+        out = torch.empty(target, dtype=torch.float32)
+    elif tuple(out.shape) != target or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 tensor of shape {target}, got "
+                         f"{out.dtype} {tuple(out.shape)}")
+    return out if resize_normalized_like_pil(x.numpy(), size, out.numpy()) else None
+
+
 def _resize_area(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     """uint8 NHWC -> uint8 NHWC at ``size`` with OpenCV's INTER_AREA, image by image (on the CPU)."""
     import cv2
@@ -256,7 +270,8 @@ def to_model_input(images, config: Optional[PreprocessConfig] = None,
 
     * "theia": bilinear resize on uint8 to :func:`input_size` (224x224 unless ``config.size``; PIL's
       BILINEAR exactly when theia_ros.resize is available, else antialiased bilinear within one
-      level of it; skipped when already that size), then ``(x / 255 - 0.5) / 0.5``;
+      level of it; skipped when already that size), then ``(x / 255 - 0.5) / 0.5``; on the CPU with
+      numba installed, both in one pass (theia_ros.resize.resize_normalized_like_pil, the same bits);
     * "isaaclab": OpenCV INTER_AREA resize to ``config.size`` when given (none otherwise), then
       ``x.float() / 255``, then ``(x - mean) / std`` with ImageNet's statistics, as Isaac Lab does.
 
@@ -275,6 +290,10 @@ def to_model_input(images, config: Optional[PreprocessConfig] = None,
         x = apply_crop_letterbox(x, config)
     if config.profile == "theia":
         if tuple(x.shape[1:3]) != size:
+            if x.device.type == "cpu" and (out is None or out.device.type == "cpu"):
+                fused = _resize_normalize_theia(x, size, out)
+                if fused is not None:
+                    return fused
             x = _resize_theia(x, size)
         else:
             x = x.permute(0, 3, 1, 2)  # NHWC memory viewed as NCHW (channels_last strides, no copy)

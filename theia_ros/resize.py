@@ -17,23 +17,42 @@ preprocessing. It is built from Pillow's documented algorithm, not from its code
   ``order="pillow12"`` reproduces them. The two orders give different bytes only in that case
   (a 640x480 frame to 224x224 is the same in both).
 
-How it stays exact and fast: a pass is a weighted sum of *rows* of a table whose rows run along
-the axis being resampled: torch's embedding-bag kernel for uint8 rows
-(``quantized::embedding_bag_byte_rowwise_offsets``; float32 rows and ``F.embedding_bag`` where a
-torch lacks it, same sums) computes all of them in one call. A table holds 4 bytes per pixel (the
-three channels and one unused byte), so that a pixel moves as one 32-bit word when the image is
-transposed to put the resampled axis first. The integer weights are split into a high and a low
-part small enough that every product and partial sum is an integer below 2**24 (times a power of
-two), which float32 represents exactly in any summation order; the two parts are recombined with
-the same carry and rounding as the integer formula. Coefficients are computed once per (input,
-output) size; tables are kept per image shape and thread. A 640x480 frame to 224x224 takes about
-0.6 ms at 2 torch threads (Pillow: ~1.6 ms; torch's antialiased bilinear, ~0.27 ms, is off by one
-level on ~0.2% of the bytes): benchmarks/bench_frame_path.py measures the three in one run.
+Two routes give these bytes, chosen once per process (logged at INFO):
+
+* the numba route (extra ``fast-resize``; numba is pinned in requirements.txt): the integer formula
+  itself, compiled. A pixel travels as a 32-bit word (R, G, B, a zero byte); a pass along the
+  vertical axis is a weighted sum of whole rows in int32 (a long unit-stride loop that LLVM
+  vectorises); a pass along the horizontal axis is the same on the transposed words (8x8 tiles).
+  Serial (``nogil``, no ``parallel=True``: no thread pool beside torch's). It can also write the
+  theia model input directly (:func:`resize_normalized_like_pil`: ``v / 127.5 - 1`` in float32,
+  channels first, the bits of resize-then-normalise). Compiled on first use for one signature:
+  ~10-15 s without numba's on-disk cache (``__pycache__`` beside this file, else numba's user-wide
+  cache directory or ``NUMBA_CACHE_DIR``), ~1-1.5 s from it, numba's import included; where no cache
+  directory is writable it compiles without one (logged), and where it cannot compile, the torch
+  route runs (logged). :func:`prepare` does that up front (FeatureEncoder.warm_up calls it). Work
+  memory: 3 x max(H, h) x max(W, w) words per thread, kept (3.7 MB for a 640x480 frame).
+* the torch route (no numba): a pass is a weighted sum of *rows* of a table whose rows run along
+  the axis being resampled: torch's embedding-bag kernel for uint8 rows
+  (``quantized::embedding_bag_byte_rowwise_offsets``; float32 rows and ``F.embedding_bag`` where a
+  torch lacks it, same sums) computes all of them in one call. A table holds 4 bytes per pixel, so
+  that a pixel moves as one 32-bit word when the image is transposed. The integer weights are split
+  into a high and a low part small enough that every product and partial sum is an integer below
+  2**24 (times a power of two), which float32 represents exactly in any summation order; the two
+  parts are recombined with the same carry and rounding as the integer formula. Tables are kept per
+  image shape and thread.
+
+Coefficients are computed once per (input, output) size. A 640x480 frame to 224x224 on one thread
+(benchmarks/bench_frame_path.py measures all of these in one run; ratios from one run on a shared
+2-core machine): numba route ~0.35 ms for the uint8 resize and ~0.37 ms for the whole theia
+preprocessing to float32 (the 0.5 ms budget), torch route ~0.86 ms and ~1.1 ms, Pillow ~1.7 ms,
+torch's antialiased bilinear ~0.29 ms (off by one level on ~0.2% of the bytes).
 """
 from __future__ import annotations
 
 import functools
+import logging
 import threading
+import time
 from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
@@ -48,11 +67,14 @@ __all__ = [
     "pil_coefficients",
     "vertical_first",
     "resize_like_pil",
+    "resize_normalized_like_pil",
+    "prepare",
 ]
 
 PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed-point precision for 8-bit images
 ORDERS = ("pillow13", "pillow12")
 _FLOAT_EXACT = 1 << 24  # float32 holds every integer below this
+_log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=256)
@@ -302,6 +324,204 @@ def _resize_one(img: np.ndarray, out: np.ndarray, ws: _Workspace) -> None:
         np.copyto(out.view(np.int32).reshape(px.shape), px)
 
 
+# ---- the numba route (extra "fast-resize") ---------------------------------------------------------
+#
+# The same integers as Pillow, computed directly: pixels travel as 32-bit words (R, G, B and a zero
+# byte), a pass along the vertical axis is a weighted sum of whole rows (a long unit-stride loop that
+# LLVM vectorises), and a pass along the horizontal axis is the same thing on the transposed words.
+# Serial code (no parallel=True): no thread pool beside torch's. The functions below are plain Python
+# until _numba_kernel() compiles them; the torch route above stays for where numba is not installed.
+
+def _nb_resize(img8, img32, use_words, hs, hn, hk, vs, vn, vk, vfirst, out32, outf, fused, scratch):  # pragma: no cover
+    """One RGB image ``img8`` [H, W * 3] (``img32``: the same bytes as uint32 [H, W * 3 // 4] when
+    ``use_words``) -> Pillow's bytes as RGBX words in ``out32`` [h, w], or (``fused``) the theia model
+    input ``outf`` [3, h, w] float32: ``v / 127.5 - 1``. ``hs, hn, hk`` / ``vs, vn, vk``: first tap,
+    tap count and 22-bit weights per output column / row (empty: that axis keeps its size).
+    ``scratch``: uint32 work memory of at least 3 * max(H, h) * max(W, w) words (kept by the caller:
+    fresh megabytes on every call would cost page faults)."""
+
+    def vpass(src, starts, counts, coefs, n_out, scratch, block, region):
+        # src uint32 [n_in, m] -> [n_out, m]: (sum(p * c) + 2**21) >> 22 on each byte lane, in int32
+        m = src.shape[1]
+        sb = src.view(np.uint8)
+        dst = scratch[region * block:region * block + n_out * m].reshape((n_out, m))
+        db = dst.view(np.uint8)
+        lanes = m * 4
+        acc = np.empty(lanes, np.int32)
+        for i in range(n_out):
+            s = starts[i]
+            n = counts[i]
+            for k in range(lanes):
+                acc[k] = 1 << 21
+            for t in range(0, n - 1, 2):
+                c0 = coefs[i, t]
+                c1 = coefs[i, t + 1]
+                for k in range(lanes):
+                    acc[k] += c0 * np.int32(sb[s + t, k]) + c1 * np.int32(sb[s + t + 1, k])
+            if n % 2:
+                c0 = coefs[i, n - 1]
+                for k in range(lanes):
+                    acc[k] += c0 * np.int32(sb[s + n - 1, k])
+            for k in range(lanes):
+                db[i, k] = min(acc[k] >> 22, 255)  # weights >= 0: never below 0
+        return dst
+
+    def transpose(src, scratch, block, region):
+        a, b = src.shape
+        dst = scratch[region * block:region * block + a * b].reshape((b, a))
+        a8 = a - a % 8
+        b8 = b - b % 8
+        for i0 in range(0, a8, 8):
+            for j0 in range(0, b8, 8):
+                for i in range(8):
+                    for j in range(8):
+                        dst[j0 + j, i0 + i] = src[i0 + i, j0 + j]
+            for i in range(i0, i0 + 8):
+                for j in range(b8, b):
+                    dst[j, i] = src[i, j]
+        for i in range(a8, a):
+            for j in range(b):
+                dst[j, i] = src[i, j]
+        return dst
+
+    H = img8.shape[0]
+    W = img8.shape[1] // 3
+    block = scratch.shape[0] // 3
+    px = scratch[:H * W].reshape((H, W))  # RGBX words
+    if use_words:  # 4 pixels from 3 words
+        for y in range(H):
+            for g in range(W // 4):
+                w0 = img32[y, 3 * g]
+                w1 = img32[y, 3 * g + 1]
+                w2 = img32[y, 3 * g + 2]
+                px[y, 4 * g] = w0 & 0xFFFFFF
+                px[y, 4 * g + 1] = (w0 >> 24) | ((w1 << 8) & 0xFFFF00)
+                px[y, 4 * g + 2] = (w1 >> 16) | ((w2 & 0xFF) << 16)
+                px[y, 4 * g + 3] = w2 >> 8
+    else:
+        for y in range(H):
+            for x in range(W):
+                px[y, x] = np.uint32(img8[y, 3 * x]) | (np.uint32(img8[y, 3 * x + 1]) << 8) | \
+                    (np.uint32(img8[y, 3 * x + 2]) << 16)
+    do_h = hs.shape[0] > 0
+    do_v = vs.shape[0] > 0
+    region = 0  # the scratch region px lives in; each step writes to another one
+    if do_v and (vfirst or not do_h):
+        px = vpass(px, vs, vn, vk, vs.shape[0], scratch, block, 1)
+        region = 1
+        do_v = False
+    if do_h:
+        a = (region + 1) % 3
+        b = (region + 2) % 3
+        px = transpose(vpass(transpose(px, scratch, block, a), hs, hn, hk, hs.shape[0], scratch, block, b),
+                       scratch, block, a)
+        region = a
+    if do_v:
+        px = vpass(px, vs, vn, vk, vs.shape[0], scratch, block, (region + 1) % 3)
+    h, w = px.shape
+    if not fused:
+        for y in range(h):
+            for x in range(w):
+                out32[y, x] = px[y, x]
+        return
+    pb = px.view(np.uint8)
+    for y in range(h):
+        for c in range(3):
+            for x in range(w):
+                outf[c, y, x] = np.float32(pb[y, 4 * x + c]) / np.float32(127.5) - np.float32(1.0)
+
+
+_ROUTE_LOCK = threading.Lock()
+
+
+def _nb_signature(numba):
+    t = numba.types
+    u8 = t.Array(t.uint8, 2, "C", readonly=True)
+    u32 = t.Array(t.uint32, 2, "C", readonly=True)
+    ip = t.Array(t.intp, 1, "C", readonly=True)
+    i32 = t.Array(t.int32, 2, "C", readonly=True)
+    return t.void(u8, u32, t.boolean, ip, ip, i32, ip, ip, i32, t.boolean, t.Array(t.uint32, 2, "C"),
+                  t.Array(t.float32, 3, "C"), t.boolean, t.Array(t.uint32, 1, "C"))
+
+
+@functools.lru_cache(maxsize=1)
+def _numba_kernel():
+    """The compiled kernel, or None where numba is not installed (or cannot compile): then the torch
+    route runs. Compiled once per process, eagerly for its one signature; numba keeps the machine
+    code in its on-disk cache (``__pycache__`` beside this file, else numba's user-wide cache
+    directory, ``NUMBA_CACHE_DIR`` if set); where no cache directory is writable it compiles without
+    one."""
+    with _ROUTE_LOCK:
+        try:
+            import numba
+        except ImportError:
+            _log.info("resize: numba is not installed (extra 'fast-resize'): exact resize on the torch route")
+            return None
+        start = time.perf_counter()
+        try:
+            kernel = numba.njit(cache=True, nogil=True)(_nb_resize)
+        except RuntimeError as exc:  # "cannot cache function ...: no locator available"
+            _log.info("resize: numba has no writable cache directory here (%s); compiling without one", exc)
+            kernel = numba.njit(nogil=True)(_nb_resize)
+        try:
+            kernel.compile(_nb_signature(numba).args)
+            kernel.disable_compile()  # one signature: an argument of another type is a bug, never a silent compile
+        except Exception as exc:  # noqa: BLE001 (any compile failure: the exact torch route remains)
+            _log.warning("resize: numba could not compile the resize kernel (%s: %s); using the torch route",
+                         type(exc).__name__, exc)
+            return None
+        _log.info("resize: numba route (%.2f s to compile or load from numba's cache)", time.perf_counter() - start)
+        return kernel
+
+
+def prepare() -> str:
+    """Compile (or load from numba's cache) the numba route now rather than on the first frame that
+    needs a resize; returns the route that runs: ``"numba"`` or ``"torch"``. Cost: ~10-15 s on a cold
+    cache, ~1-1.5 s from numba's on-disk cache, nothing after the first call in a process."""
+    return "torch" if _numba_kernel() is None else "numba"
+
+
+@functools.lru_cache(maxsize=128)
+def _nb_plan(in_size: int, out_size: int):
+    """Per output pixel: first tap, tap count, weights (int32, zero-padded); empty when the size stays."""
+    if in_size == out_size:
+        return np.zeros(0, np.intp), np.zeros(0, np.intp), np.zeros((0, 1), np.int32)
+    windows = pil_coefficients(in_size, out_size)
+    K = max(len(ks) for _, ks in windows)
+    coefs = np.zeros((out_size, K), np.int32)
+    for i, (_, ks) in enumerate(windows):
+        coefs[i, :len(ks)] = ks
+    starts = np.array([first for first, _ in windows], np.intp)
+    counts = np.array([len(ks) for _, ks in windows], np.intp)
+    for a in (starts, counts, coefs):
+        a.flags.writeable = False
+    return starts, counts, coefs
+
+
+_NO_WORDS = np.zeros((1, 1), np.uint32)
+_NO_WORDS.flags.writeable = False
+_NO_U32 = np.zeros((1, 1), np.uint32)
+_NO_F32 = np.zeros((1, 1, 1), np.float32)
+
+
+def _nb_run(kernel, img: np.ndarray, size, vfirst: bool, out32: Optional[np.ndarray], outf: Optional[np.ndarray]):
+    """One image [H, W, 3] through the numba kernel into ``out32`` [h, w] words or ``outf`` [3, h, w]."""
+    H, W, _ = img.shape
+    img8 = np.ascontiguousarray(img).reshape(H, W * 3).view()
+    img8.flags.writeable = False  # the compiled signature's type (the kernel never writes it)
+    use_words = W % 4 == 0 and img8.ctypes.data % 4 == 0
+    img32 = img8.view(np.uint32) if use_words else _NO_WORDS
+    hs, hn, hk = _nb_plan(W, size[1])
+    vs, vn, vk = _nb_plan(H, size[0])
+    fused = outf is not None
+    need = 3 * max(H, size[0]) * max(W, size[1])
+    scratch = getattr(_local, "nb_scratch", None)
+    if scratch is None or scratch.shape[0] < need:
+        scratch = _local.nb_scratch = np.empty(need, np.uint32)
+    kernel(img8, img32, use_words, hs, hn, hk, vs, vn, vk, vfirst, _NO_U32 if fused else out32,
+           outf if fused else _NO_F32, fused, scratch)
+
+
 # ---- the public function ---------------------------------------------------------------------------
 
 def _as_numpy(images) -> Tuple[np.ndarray, Optional[torch.device]]:
@@ -349,9 +569,36 @@ def resize_like_pil(images, size: Tuple[int, int], *, order: str = "pillow13") -
         out = torch.from_numpy(np.array(arr, order="C"))
         return out if device is None else out.to(device)
 
-    ws = _workspace((H, W, h, w, vfirst))
     rgbx = np.empty((B, h, w, 4), np.uint8)
-    for b in range(B):
-        _resize_one(arr[b], rgbx[b], ws)
+    kernel = _numba_kernel()
+    if kernel is not None:
+        for b in range(B):
+            _nb_run(kernel, arr[b], (h, w), vfirst, rgbx[b].view(np.uint32)[..., 0], None)
+    else:
+        ws = _workspace((H, W, h, w, vfirst))
+        for b in range(B):
+            _resize_one(arr[b], rgbx[b], ws)
     out = torch.from_numpy(rgbx)[..., :3]
     return out if device is None else out.to(device)
+
+
+def resize_normalized_like_pil(images: np.ndarray, size: Tuple[int, int], out: np.ndarray, *,
+                               order: str = "pillow13") -> bool:
+    """The theia profile's model input in one go: ``out[b] = resize_like_pil(images[b]) / 127.5 - 1``
+    as float32 ``[3, height, width]`` (the reference's ``(x / 255 - 0.5) / 0.5``, the same bits).
+
+    ``images``: uint8 numpy ``[B, H, W, 3]``; ``out``: a C-contiguous float32 numpy ``[B, 3, height,
+    width]``, written in place. Returns False, writing nothing, where the numba route is not
+    available (the caller then resizes with :func:`resize_like_pil` and normalises itself)."""
+    kernel = _numba_kernel()
+    if kernel is None:
+        return False
+    B, H, W, _ = images.shape
+    h, w = (int(v) for v in size)
+    if out.shape != (B, 3, h, w) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous float32 array of shape {(B, 3, h, w)}, got {out.dtype} "
+                         f"{out.shape}")
+    vfirst = vertical_first((H, W), (h, w), order)
+    for b in range(B):
+        _nb_run(kernel, images[b], (h, w), vfirst, None, out[b])
+    return True

@@ -162,6 +162,9 @@ class FeatureEncoder:
         PreprocessConfig or None) pairs to warm up (default: one 224x224 frame, reference pipeline)."""
         import numpy as np
 
+        from theia_ros.resize import prepare
+
+        prepare()  # the exact resize's compiled route: now, not on the first camera frame
         shapes = shapes or [((IMAGE_SIZE, IMAGE_SIZE), None)]
         frames = [np.zeros((int(h), int(w), 3), np.uint8) for (h, w), _ in shapes]
         for _ in range(iterations):
