@@ -120,7 +120,8 @@ def test_conformance_tokens_480x640(tiny_model, golden):
     ref = golden["forward_feature_480x640"]
     assert out.shape == ref.shape == (1, 196, 192)
     assert cosine(out, ref) >= 0.99999
-    assert np.abs(out - ref).max() <= 0.02
+    # the resize is PIL's to the byte (theia_ros.resize), so the tokens are the reference's to float rounding
+    assert np.abs(out - ref).max() <= 1e-4
 
 
 def test_conformance_cls(tiny_model, golden):
