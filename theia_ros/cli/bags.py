@@ -43,6 +43,36 @@ def _run_encode(args) -> int:
     return 0
 
 
+def _run_encode_bags(args) -> int:
+    from theia_ros.bags.io import BagError
+
+    _setup_logging()
+    logging.getLogger("theia_ros").setLevel(logging.WARNING)  # fleet progress and the summary say the rest
+    try:
+        from theia_ros.bags.fleet import encode_bags, format_summary
+
+        report = encode_bags(
+            args.inputs, args.out, dict(model=args.model, seed=args.seed, backend=args.backend,
+                                        precision=args.precision, device=args.device,
+                                        representation=args.representation, dtype=args.dtype,
+                                        preprocessing=args.preprocessing, input_size=args.input_size,
+                                        pos_interpolation=args.pos_interpolation, cameras=args.cameras,
+                                        batch=args.batch, copy=not args.no_copy, storage=args.storage,
+                                        version=args.bag_version),
+            workers=args.workers, threads=args.threads, address=args.address, retries=args.retries,
+            gpus_per_worker=args.gpus_per_worker, overwrite=args.overwrite, progress=not args.no_progress)
+    except BagError as exc:
+        return _error(str(exc))
+    except KeyboardInterrupt:
+        return _error(f"interrupted; the bags finished so far are recorded in {args.out}: run the same command "
+                      "again to encode the rest")
+    print(format_summary(report))
+    print(f"summary: {report.out / 'encode-bags-summary.json'}; manifest: {report.out / 'encode-bags.jsonl'}")
+    for message in report.input_errors:
+        print(f"input error: {message}", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
 def _print_encode_summary(result):
     print(f"wrote {result.output}")
     for topic, target in result.topics.items():
@@ -108,14 +138,14 @@ def _run_record(args) -> int:
 
 def add_parser(subparsers):
     _add_encode_parser(subparsers)
+    _add_encode_bags_parser(subparsers)
     _add_inspect_parser(subparsers)
     _add_train_parser(subparsers)
     _add_record_parser(subparsers)
 
 
 def _add_encode_parser(subparsers):
-    from theia_ros.bags.encode import DEFAULT_BATCH
-    from theia_ros.cli.options import add_bag_output_options, add_encoder_options
+    from theia_ros.cli.options import add_encode_bag_options
 
     p = subparsers.add_parser(
         "encode-bag", help="encode the camera topics of a rosbag2 bag into Theia features (new bag)",
@@ -127,16 +157,43 @@ def _add_encode_parser(subparsers):
                     "the damage.")
     p.add_argument("input", metavar="IN", help="input bag (directory, .mcap or .db3)")
     p.add_argument("output", metavar="OUT", help="output bag directory (must not exist, see --overwrite)")
-    add_encoder_options(p.add_argument_group("encoder"), "model", "seed", "backend", "precision", "device",
-                        "representation", "dtype", "preprocessing", "input_size", "pos_interpolation", "threads")
-    p.add_argument("--cameras", nargs="+", metavar="TOPIC[=FEATURES_TOPIC]",
-                   help="camera topics to encode (default: every Image/CompressedImage topic)")
-    p.add_argument("--batch", type=int, default=DEFAULT_BATCH,
-                   help=f"frames per inference, also the encoder's largest batch (default {DEFAULT_BATCH})")
-    p.add_argument("--no-copy", action="store_true", help="write only the feature topics")
-    add_bag_output_options(p)
+    add_encode_bag_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_encode)
+
+
+def _add_encode_bags_parser(subparsers):
+    from theia_ros.cli.options import add_encode_bag_options
+
+    p = subparsers.add_parser(
+        "encode-bags", help="encode many bags on Ray workers (local or a cluster), resumable",
+        description="encode-bag for a fleet's bags: each input is encoded by a Ray worker (the model loaded "
+                    "once per worker) into OUT/<input bag name>/, which holds exactly what encode-bag writes "
+                    "for it with the same options. OUT/encode-bags.jsonl records each bag's outcome: a run "
+                    "started again skips the bags finished with the same input, options and encoder, and redoes "
+                    "the rest; a bag whose worker died is retried on another. Exit status 0 only when every "
+                    "input finished complete. Needs the fleet extra (Ray); see docs/bags.md.")
+    p.add_argument("inputs", metavar="INPUT", nargs="+",
+                   help="bag directories or .mcap/.db3 files, directories of bags, globs (quoted), or manifest "
+                        "files with one path or glob per line (# comments)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory: DIR/<input bag name>/ per bag")
+    add_encode_bag_options(p, threads_help="torch threads, and CPUs, of each worker (0: 1)",
+                           overwrite_help="re-encode finished bags too, and replace a DIR/<name> bag that is not an "
+                                          "encode-bag output of its input")
+    fleet = p.add_argument_group("fleet")
+    fleet.add_argument("--address", default=None, metavar="ADDRESS",
+                       help="Ray cluster to join: auto (a `ray start` cluster on this machine) or ray://HOST:PORT; "
+                            "default: a local Ray started for this run")
+    fleet.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="Ray workers (default: one per GPU where the device may be CUDA and there are GPUs, "
+                            "else one per --threads CPUs)")
+    fleet.add_argument("--gpus-per-worker", type=float, default=1.0, metavar="F",
+                       help="GPU share of each worker where there are GPUs, e.g. 0.25: four workers per GPU "
+                            "(default 1)")
+    fleet.add_argument("--retries", type=int, default=2,
+                       help="times a bag whose worker died is retried (default 2)")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines")
+    p.set_defaults(func=_run_encode_bags)
 
 
 def _add_inspect_parser(subparsers):

@@ -86,11 +86,31 @@ def add_source_argument(parser):
     parser.add_argument("source", metavar="SOURCE", help=SOURCE_HELP)
 
 
-def add_bag_output_options(parser):
+def add_bag_output_options(parser, overwrite_help="replace OUT if it is an existing bag"):
     """--storage, --bag-version, --overwrite of the verbs that write a new bag."""
     parser.add_argument("--storage", default=DEFAULT_STORAGE, choices=STORAGES,
                         help=f"output storage (default {DEFAULT_STORAGE})")
     parser.add_argument("--bag-version", type=int, default=DEFAULT_BAG_VERSION, choices=BAG_VERSIONS,
                         help=f"rosbag2 metadata version: 9 Jazzy+ (default {DEFAULT_BAG_VERSION}), 8 for older "
                              "players (see docs/bags.md)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it is an existing bag")
+    parser.add_argument("--overwrite", action="store_true", help=overwrite_help)
+
+
+#: the encoder options of encode-bag and encode-bags
+ENCODE_BAG_ENCODER_OPTIONS = ("model", "seed", "backend", "precision", "device", "representation", "dtype",
+                              "preprocessing", "input_size", "pos_interpolation", "threads")
+
+
+def add_encode_bag_options(parser, threads_help=None, overwrite_help=None):
+    """Everything encode-bag and encode-bags take besides their inputs and outputs: the encoder group,
+    --cameras, --batch, --no-copy and the bag output options (one declaration, so both verbs write the same)."""
+    from theia_ros.bags.encode import DEFAULT_BATCH
+
+    add_encoder_options(parser.add_argument_group("encoder"), *ENCODE_BAG_ENCODER_OPTIONS,
+                        helps={"threads": threads_help} if threads_help else None)
+    parser.add_argument("--cameras", nargs="+", metavar="TOPIC[=FEATURES_TOPIC]",
+                        help="camera topics to encode (default: every Image/CompressedImage topic)")
+    parser.add_argument("--batch", type=int, default=DEFAULT_BATCH,
+                        help=f"frames per inference, also the encoder's largest batch (default {DEFAULT_BATCH})")
+    parser.add_argument("--no-copy", action="store_true", help="write only the feature topics")
+    add_bag_output_options(parser, **({"overwrite_help": overwrite_help} if overwrite_help else {}))
