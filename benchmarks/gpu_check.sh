@@ -9,10 +9,15 @@
 # (batch 1..4) into a fresh engine cache, builds each twice to show the second is a cache hit (load
 # without recompiling), runs the tensorrt tests, and prints bench tables (eager torch fp32/fp16/bf16
 # and TensorRT fp32/fp16, ratios to eager fp32 on the GPU measured in the same run).
-# Where it does not: says so, and benchmarks the torch CUDA paths instead (eager fp32/fp16/bf16,
-# torch.compile "reduce-overhead", i.e. CUDA graphs).
+# Where it does not: says so, and checks and benchmarks the torch CUDA paths instead: the CUDA-graph
+# tests (test/test_cuda_graphs.py with pytest, else a smoke check), then bench tables for theia-tiny
+# and theia-base at batch 1 and 4 of eager fp32/fp16/bf16 and the torch backend's own CUDA graphs
+# (torch-cudagraphs) fp32/fp16/bf16, then torch.compile "reduce-overhead" (torch-compile); each table
+# has eager fp32 on the GPU measured in the same run, the baseline of its speed-up column.
+# With TensorRT, the tables hold the torch-cudagraphs rows next to TensorRT's, and the CUDA-graph tests run too.
 # Everything runs under one deadline (GPU_CHECK_SECONDS, default 540 s) so the whole check stays
-# inside 10 minutes; a step that would not fit is skipped with a message.
+# inside 10 minutes; a step that would not fit is skipped with a message, a step that fails is named
+# at the end.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -28,18 +33,58 @@ BASE=random:theia-base-patch16-224-cddsv
 LOG=${OUT:-$THEIA_ROS_CACHE}/gpu_check.log   # kept with the results, not in the work tree
 : > "$LOG"
 
+FAILED=()
 say() { echo "== $*" | tee -a "$LOG"; }
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 # run CAP CMD...: run with a timeout of min(CAP, time left - 10 s); skip when under 20 s are left
 run() {
   local cap=$1; shift
   local t=$(( $(left) - 10 )); (( t > cap )) && t=$cap
-  if (( t < 20 )); then say "SKIPPED (out of time): $*"; return 124; fi
+  if (( t < 20 )); then say "SKIPPED (out of time): $*"; FAILED+=("skipped: ${*:2:6}"); return 124; fi
   echo "\$ $* (timeout ${t}s)" | tee -a "$LOG"
   timeout --signal=INT --kill-after=15 "$t" "$@" 2>&1 | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}
   (( rc == 124 )) && say "TIMED OUT after ${t}s: $*"
+  (( rc != 0 )) && FAILED+=("rc $rc: ${*:2:6}")
   return "$rc"
+}
+
+# the CUDA-graph checks: the tests where pytest imports, else the same checks as one script
+SMOKE='
+import torch
+from theia_ros.backends.base import BackendError
+from theia_ros.backends.torch_backend import TorchBackend
+from theia_ros.backends.validation import cosine, min_cosine_for, reference_output, validation_pixels
+from theia_ros.encoder.model import load_model
+model = load_model("random:theia-tiny-patch16-224-cddsv").to("cuda")
+pixels = validation_pixels(4)
+reference = reference_output(model, pixels, "tokens")
+bad = 0
+for precision in ("fp32", "fp16", "bf16"):
+    b = TorchBackend(model, precision=precision, device="cuda", max_batch=4, cuda_graphs=True)
+    first = b.run_pixels(pixels[:3])
+    kept = first.clone()
+    worst = min(cosine(b.run_pixels(pixels[:n]), reference[:n]) for n in (4, 1, 2, 3))
+    try:
+        b.run_pixels(validation_pixels(5))
+        refused = False
+    except BackendError:
+        refused = True
+    ok = worst >= min_cosine_for(precision) and torch.equal(first, kept) and refused
+    bad += not ok
+    buckets, verdict = b.identity["batch_buckets"], "ok" if ok else "FAIL"
+    print(f"cuda graphs {precision}: buckets {buckets}, gate cosine {b.validation_cosine:.6f}, "
+          f"worst cosine over batches 1-4 {worst:.6f}, batch 5 refused {refused}: {verdict}")
+raise SystemExit(1 if bad else 0)
+'
+cuda_graph_tests() {
+  if "$PY" -c "import pytest" 2>/dev/null; then
+    say "CUDA-graph tests (test/test_cuda_graphs.py)"
+    run 120 "$PY" -m pytest -q -p no:cacheprovider test/test_cuda_graphs.py -rs
+  else
+    say "pytest not installed: CUDA-graph smoke check instead of test/test_cuda_graphs.py"
+    run 120 "$PY" -c "$SMOKE"
+  fi
 }
 
 say "theia_ros GPU check, $(date -u +%FT%TZ), budget ${BUDGET}s, engine cache $THEIA_ROS_CACHE"
@@ -88,20 +133,35 @@ if (( HAVE_TRT )); then
   else
     say "pytest not installed: the export runs above (build, validation gate, cache hit) stand in for the tests"
   fi
-  say "bench theia-tiny (TensorRT + eager torch, CUDA)"
-  run 150 "$PY" -m theia_ros.cli bench "$TINY" --device cuda --backends torch tensorrt --batches 1 4 --seconds 3
-  say "bench theia-base (TensorRT + eager torch, CUDA)"
-  run 150 "$PY" -m theia_ros.cli bench "$BASE" --device cuda --backends torch tensorrt --batches 1 4 --seconds 3
+  say "bench theia-tiny (TensorRT + eager torch + torch CUDA graphs, CUDA)"
+  run 150 "$PY" -m theia_ros.cli bench "$TINY" --device cuda --backends torch tensorrt torch-cudagraphs \
+      --batches 1 4 --seconds 2
+  say "bench theia-base (TensorRT + eager torch + torch CUDA graphs, CUDA)"
+  run 150 "$PY" -m theia_ros.cli bench "$BASE" --device cuda --backends torch tensorrt torch-cudagraphs \
+      --batches 1 4 --seconds 2
+  cuda_graph_tests
   say "bench theia-tiny torch.compile (CUDA graphs) fp16, if time is left"
   run 150 "$PY" -m theia_ros.cli bench "$TINY" --device cuda --backends torch-compile --precisions fp16 \
       --batches 1 4 --seconds 2
 else
-  say "bench theia-tiny (eager torch fp32/fp16/bf16, CUDA)"
-  run 120 "$PY" -m theia_ros.cli bench "$TINY" --device cuda --backends torch --batches 1 4 --seconds 3
-  say "bench theia-base (eager torch fp32/fp16/bf16, CUDA)"
-  run 150 "$PY" -m theia_ros.cli bench "$BASE" --device cuda --backends torch --batches 1 4 --seconds 3
-  say "bench theia-tiny torch.compile reduce-overhead (CUDA graphs) fp32/fp16"
-  run 240 "$PY" -m theia_ros.cli bench "$TINY" --device cuda --backends torch-compile --precisions fp32 fp16 \
-      --batches 1 4 --seconds 2
+  cuda_graph_tests
+  say "bench theia-tiny (eager torch and torch CUDA graphs, fp32/fp16/bf16, CUDA)"
+  run 120 "$PY" -m theia_ros.cli bench "$TINY" --device cuda --backends torch torch-cudagraphs \
+      --precisions fp32 fp16 bf16 --batches 1 4 --seconds 2
+  say "bench theia-base (eager torch and torch CUDA graphs, fp32/fp16/bf16, CUDA)"
+  run 150 "$PY" -m theia_ros.cli bench "$BASE" --device cuda --backends torch torch-cudagraphs \
+      --precisions fp32 fp16 bf16 --batches 1 4 --seconds 2
+  # fp16 only: reduce-overhead compiles once per batch size (validation 2, then 1 and 4) and precision
+  say "bench theia-tiny torch.compile reduce-overhead fp16 next to eager and torch CUDA graphs"
+  run 180 "$PY" -m theia_ros.cli bench "$TINY" --device cuda --backends torch torch-cudagraphs torch-compile \
+      --precisions fp16 --batches 1 4 --seconds 2
+  say "bench theia-base torch.compile reduce-overhead fp16 next to eager and torch CUDA graphs"
+  run 180 "$PY" -m theia_ros.cli bench "$BASE" --device cuda --backends torch torch-cudagraphs torch-compile \
+      --precisions fp16 --batches 1 4 --seconds 2
+fi
+if (( ${#FAILED[@]} )); then
+  say "steps that failed, timed out or were skipped: ${#FAILED[@]}"
+  for f in "${FAILED[@]}"; do say "  $f"; done
 fi
 say "done in $(( $(date +%s) - START ))s; engines in $THEIA_ROS_CACHE; log $LOG"
+(( ${#FAILED[@]} == 0 ))
