@@ -25,7 +25,7 @@ setup(
     extras_require={
         "bags": ["rosbags", "tqdm", "matplotlib"],
         "onnx": ["onnx", "onnxruntime", "onnxscript"],
-        "openvino": ["openvino", "nncf"],
+        "openvino": ["openvino", "nncf", "scikit-image"],  # scikit-image: the int8 calibration photographs
         "fast-resize": ["numba"],
         "fleet": ["ray", "rosbags", "tqdm"],
     },

@@ -283,7 +283,7 @@ def test_onnxruntime_rejects_what_it_cannot_do(tiny):
     with pytest.raises(BackendError, match="CPU only"):
         create_backend("onnxruntime", tiny, device="cuda")
     with pytest.raises(BackendError, match="unknown backend"):
-        create_backend("openvino", tiny)
+        create_backend("tflite", tiny)
 
 
 def test_lean_graph_matches_the_model(tiny):
@@ -338,8 +338,9 @@ def test_auto_on_this_machine(tiny):
     assert str(backend.device) == "cpu" and backend.precision == "fp32"
     # the measured CPU winner where ONNX Runtime is installed
     from theia_ros.backends.onnxruntime_backend import ort_available
+    from theia_ros.backends.openvino_backend import openvino_available
 
-    assert backend.name == ("onnxruntime" if ort_available() else "torch")
+    assert backend.name == ("openvino" if openvino_available() else "onnxruntime" if ort_available() else "torch")
     assert backend.auto_reason
     if torch.cuda.is_available():
         gpu = create_backend("auto", copy.deepcopy(tiny), precision="fp16", device="auto", max_batch=2)

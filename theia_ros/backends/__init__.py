@@ -1,3 +1,3 @@
 """Inference backends: the interface (base), create_backend and the auto plan (factory), one module
-per engine (torch_backend, onnxruntime_backend, tensorrt_backend), the engine cache, the accuracy
-gate (validation) and the benchmark (bench)."""
+per engine (torch_backend, onnxruntime_backend, openvino_backend, tensorrt_backend), the engine
+cache, the accuracy gate (validation, with natural images from calibration) and the benchmark (bench)."""

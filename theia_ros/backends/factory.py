@@ -7,14 +7,20 @@ Auto's order (first that can be built wins; a failure to build or validate falls
   1. tensorrt at the requested precision, when torch_tensorrt imports;
   2. torch (eager) on that GPU at the requested precision.
 * CPU (``device`` "cpu", or "auto" without a GPU):
-  - fp32: onnxruntime (lean graph: packed qkv, fused attention) - measured faster than eager
-    torch fp32 on this project's 2-core reference machine, equal in accuracy (cosine >= 0.9999),
-    and far steadier under CPU contention because its threads do not spin; then torch fp32;
-  - bf16: torch bf16 (autocast) when the CPU has native bf16 (AVX512-BF16 / AMX) and it passes
-    the 0.999 cosine gate; otherwise the fp32 order above (bf16 emulation is slower than fp32);
+  - fp32: openvino fp32 (when the openvino extra is installed), then onnxruntime (lean graph: packed
+    qkv, fused attention), then torch fp32: the order measured on this project's 2-core reference
+    machine (theia-tiny batch 1, 224 input, one thread: openvino 1.54x, onnxruntime 1.47x eager torch;
+    issue 17's run: 1.75x / 1.57x), all equal in accuracy (cosine >= 0.9999); neither engine spins
+    its threads;
+  - bf16: openvino bf16, then torch bf16 (autocast), when the CPU has native bf16 (AVX512-BF16 /
+    AMX) and they pass the 0.999 cosine gate; otherwise the fp32 order above (bf16 emulation is
+    slower than fp32);
+  - int8: openvino int8 (NNCF, calibrated on natural photographs; gate 0.99 per image) when openvino
+    and nncf are installed; otherwise the fp32 order above, the reason logged;
   - fp16: no fast fp16 on CPUs: the fp32 order above.
+  On CUDA, int8 is not offered: auto runs fp16 there (more accurate than int8, and fast).
 The precision auto actually uses is never below the one asked for in accuracy terms except
-bf16 -> bf16; asking fp16 on a CPU gives fp32.
+bf16 -> bf16 and int8 -> int8; asking fp16 on a CPU gives fp32.
 
 Input sizes: a backend is built for one ``input_size`` (height, width; default 224x224) and
 ``pos_interpolation``; engines take that size only.  create_encoder hands FeatureEncoder a factory
@@ -44,6 +50,8 @@ def create_backend(name, model, representation="tokens", precision="fp32", devic
 
     * "torch": eager PyTorch on the CPU or CUDA (fp32, bf16; fp16 on CUDA), optional torch.compile;
     * "onnxruntime": ONNX Runtime on the CPU (fp32), ONNX graph exported once and cached;
+    * "openvino": OpenVINO on the CPU (fp32, bf16 with native bf16, calibrated int8) or an Intel GPU
+      ("xpu": fp16, fp32), converted once and cached;
     * "tensorrt": Torch-TensorRT engine on CUDA (fp32, fp16, bf16), built once and cached;
     * "auto": the fastest of those that run here at ``precision`` (see the module docstring).
     Options are passed to the backend that takes them (e.g. cache_dir, rebuild, threads, compile,
@@ -78,16 +86,19 @@ def options_for(cls, options: dict) -> dict:
 def backend_classes() -> dict:
     """The concrete backend classes by name (imported here: each module imports torch only)."""
     from theia_ros.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from theia_ros.backends.openvino_backend import OpenVINOBackend
     from theia_ros.backends.tensorrt_backend import TensorRTBackend
     from theia_ros.backends.torch_backend import TorchBackend
 
-    return {"torch": TorchBackend, "onnxruntime": OnnxRuntimeBackend, "tensorrt": TensorRTBackend}
+    return {"torch": TorchBackend, "onnxruntime": OnnxRuntimeBackend, "openvino": OpenVINOBackend,
+            "tensorrt": TensorRTBackend}
 
 
 # ---------------------------------------------------------------------------------- auto
 
 def _capabilities():
     from theia_ros.backends.onnxruntime_backend import ort_available
+    from theia_ros.backends.openvino_backend import nncf_available, openvino_available
     from theia_ros.backends.tensorrt_backend import tensorrt_available
     from theia_ros.backends.torch_backend import cpu_has_fast_bf16
 
@@ -95,6 +106,8 @@ def _capabilities():
         "cuda": torch.cuda.is_available(),
         "tensorrt": tensorrt_available(),
         "onnxruntime": ort_available(),
+        "openvino": openvino_available(),
+        "nncf": nncf_available(),
         "fast_bf16": cpu_has_fast_bf16(),
     }
 
@@ -107,21 +120,35 @@ def plan(device, precision, caps):
     if device.startswith("cuda"):
         if not caps.get("cuda"):
             raise BackendError(f"auto backend: device {device!r} asked for, but CUDA is not available")
+        note = ""
+        if precision == "int8":  # no int8 engine on CUDA: fp16 is faster there and more accurate than int8
+            precision, note = "fp16", "; int8 asked, not offered on CUDA: fp16"
         out = []
         if caps.get("tensorrt"):
             out.append(("tensorrt", precision, device, "CUDA and torch_tensorrt present"))
         why = "CUDA present" + ("" if caps.get("tensorrt") else ", no torch_tensorrt")
         out.append(("torch", precision, device, why))
-        return out
+        return [(b, p, d, why + note) for b, p, d, why in out]
     if device != "cpu":
         raise BackendError(f"auto backend: unknown device {device!r}; use auto, cpu or cuda[:N]")
     fp32 = []
+    if caps.get("openvino"):
+        fp32.append(("openvino", "fp32", "cpu", "fastest accurate fp32 CPU backend measured"))
     if caps.get("onnxruntime"):
-        fp32.append(("onnxruntime", "fp32", "cpu", "fastest accurate fp32 CPU backend measured"))
+        fp32.append(("onnxruntime", "fp32", "cpu", "fastest accurate fp32 CPU backend measured"
+                     + ("" if caps.get("openvino") else " without openvino (not installed)")))
     fp32.append(("torch", "fp32", "cpu", "eager fp32 on the CPU"))
+    if precision == "int8":
+        if caps.get("openvino") and caps.get("nncf"):
+            return [("openvino", "int8", "cpu", "int8 asked: openvino with NNCF calibration")] + \
+                [(b, p, d, why + "; int8 engine not usable") for b, p, d, why in fp32]
+        missing = "openvino" if not caps.get("openvino") else "nncf"
+        return [(b, p, d, why + f"; int8 asked but {missing} is not installed") for b, p, d, why in fp32]
     if precision == "bf16":
         if caps.get("fast_bf16"):
-            return [("torch", "bf16", "cpu", "CPU with native bf16")] + fp32
+            bf16 = [("openvino", "bf16", "cpu", "CPU with native bf16, openvino fastest measured")] \
+                if caps.get("openvino") else []
+            return bf16 + [("torch", "bf16", "cpu", "CPU with native bf16")] + fp32
         return [(b, p, d, why + "; bf16 asked but this CPU has no native bf16") for b, p, d, why in fp32]
     if precision == "fp16":
         return [(b, p, d, why + "; fp16 asked, CPUs have no fast fp16") for b, p, d, why in fp32]

@@ -6,12 +6,16 @@ import torch
 
 from theia_ros.backends.base import BackendError
 
-# fp32 engines must reproduce torch almost exactly; fp16/bf16 ones within the usual rounding
+# fp32 engines must reproduce torch almost exactly; fp16/bf16 ones within the usual rounding; int8 ones
+# (post-training quantization) per image on natural photographs
 FP32_MIN_COSINE = 0.9999
 LOW_PRECISION_MIN_COSINE = 0.999
+INT8_MIN_COSINE = 0.99
 
 
 def min_cosine_for(precision: str) -> float:
+    if precision == "int8":
+        return INT8_MIN_COSINE
     return FP32_MIN_COSINE if precision == "fp32" else LOW_PRECISION_MIN_COSINE
 
 
@@ -72,3 +76,43 @@ def reference_output(model, pixels, representation, device=None, pos_interpolati
     device = device if device is not None else next(model.parameters()).device
     with torch.inference_mode():
         return reference_forward(model, pixels.to(device), representation, pos_interpolation).float().cpu()
+
+
+def gate(run, model, representation, precision, what, input_size=(224, 224), pos_interpolation="scale_factor",
+         max_batch=2, natural=None) -> dict:
+    """The accuracy gate of an engine: ``run`` (pixels -> output) against fp32 eager torch on the fixed
+    synthetic input and, for precisions below fp32 (or ``natural=True``), on held-out natural photographs
+    (backends.calibration.natural_pixels; never the int8 calibration images), per image, at
+    ``min_cosine_for(precision)``.  Raises BackendError naming the worst image; returns
+    ``{"cosine": worst, "synthetic": ..., "natural": ..., "worst_image": name, "min_cosine": ...}``."""
+    import logging
+
+    min_cos = min_cosine_for(precision)
+    natural = precision != "fp32" if natural is None else natural
+    sets = [("synthetic", [f"synthetic {i}" for i in range(min(2, max_batch))],
+             validation_pixels(min(2, max_batch), size=input_size))]
+    if natural:
+        from theia_ros.backends.calibration import natural_pixels
+
+        names, pixels = natural_pixels(input_size)
+        sets.append(("natural", names, pixels))
+    result = {"min_cosine": min_cos, "representation": representation}
+    worst, worst_name = float("inf"), ""
+    for label, names, pixels in sets:
+        reference = reference_output(model, pixels, representation, torch.device("cpu"), pos_interpolation)
+        chunks = [torch.as_tensor(run(pixels[i:i + max_batch])) for i in range(0, len(pixels), max_batch)]
+        output = torch.cat(chunks)
+        check_output(output, reference, -1.0, f"{what} on {label} images")  # shape and finiteness
+        per = cosine_per_sample(output, reference)
+        index = int(per.argmin())
+        result[label] = float(per[index])
+        if float(per[index]) < worst:
+            worst, worst_name = float(per[index]), names[index]
+    result.update(cosine=worst, worst_image=worst_name)
+    logging.getLogger("theia_ros.backends").info(
+        "%s (%s): worst cosine to fp32 torch %.6f on %s (%s; required %s)", what, representation, worst, worst_name,
+        ", ".join(f"{label} {result[label]:.6f}" for label, _, _ in sets), min_cos)
+    if not worst >= min_cos:
+        raise BackendError(f"refusing {what}: cosine similarity to fp32 torch is {worst:.6f} on {worst_name} "
+                           f"({representation}), below the required {min_cos}; use another precision or backend")
+    return result

@@ -1,7 +1,9 @@
 """`theia-ros export` and `theia-ros bench`: build engines ahead of time, compare backends (no ROS needed).
 
     theia-ros export SOURCE --backend tensorrt --precision fp16 --max-batch 4 [--representation tokens]
-    theia-ros bench SOURCE [--backends torch onnxruntime tensorrt] [--batches 1 4] [--seconds 5]
+    theia-ros export SOURCE --backend openvino --precision int8 [--calibration-bag BAG]
+    theia-ros bench SOURCE [--backends torch onnxruntime openvino tensorrt] [--batches 1 4] [--seconds 5]
+                           [--precisions fp32 bf16 int8] [--inputs pixels frame] [--json rows.json]
 """
 import json
 import logging
@@ -61,6 +63,10 @@ def _run_export(args) -> int:
     options = {"rebuild": args.rebuild}
     if args.backend == "tensorrt":
         options["fp32_acc"] = args.fp32_acc
+    if args.backend == "openvino":
+        options["threads"] = args.threads or None
+        if args.calibration_bag:
+            options["calibration_bag"] = args.calibration_bag
     if args.cache_dir:
         options["cache_dir"] = args.cache_dir
     print(f"{args.backend} {precision} engine for {model.variant} ({args.representation}), batch 1..{args.max_batch}, "
@@ -107,7 +113,7 @@ def _run_bench(args) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     rows = run_bench(model, cases, batches=args.batches, seconds=args.seconds, representation=args.representation,
-                     rounds=args.rounds, cache_dir=args.cache_dir, progress=progress)
+                     rounds=args.rounds, cache_dir=args.cache_dir, progress=progress, inputs=args.inputs)
     table = markdown_table(rows)
     header = f"{environment_summary(model)}; representation {args.representation}; {args.seconds:g} s per cell"
     print(header)
@@ -126,14 +132,18 @@ def add_parser(subparsers):
     from theia_ros.encoder.config import PRECISION_CHOICES
 
     p = subparsers.add_parser(
-        "export", help="build (or check) a cached TensorRT / ONNX Runtime engine ahead of time",
+        "export", help="build (or check) a cached TensorRT / ONNX Runtime / OpenVINO engine ahead of time",
         description="Build the engine a backend would build on first use, validate it against fp32 torch, store it "
                     "in the engine cache ($THEIA_ROS_CACHE or ~/.cache/theia_ros/engines) and print its path. "
                     "An engine already in the cache and still valid is only checked.")
     add_source_argument(p)
-    p.add_argument("--backend", required=True, choices=("tensorrt", "onnxruntime"))
+    p.add_argument("--backend", required=True, choices=("tensorrt", "onnxruntime", "openvino"))
     p.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
-                   help="default: fp16 for tensorrt, fp32 for onnxruntime")
+                   help="default: fp16 for tensorrt, fp32 for onnxruntime and openvino (which also takes bf16 on "
+                        "CPUs with native bf16, and int8)")
+    p.add_argument("--calibration-bag", default=None, metavar="BAG",
+                   help="openvino int8: also calibrate on camera frames of this bag (up to 32, spread over it), "
+                        "next to the packaged photographs")
     add_encoder_options(p, "max_batch", "representation", "device", "seed", "threads",
                         helps={"device": "auto (cuda for tensorrt, cpu for onnxruntime), cpu or cuda[:N] "
                                          "(default auto)"})
@@ -152,10 +162,13 @@ def add_parser(subparsers):
                     "interleaved rounds. Prints a markdown table.")
     add_source_argument(b)
     b.add_argument("--backends", nargs="+", default=None,
-                   help="torch, torch-compile, onnxruntime, tensorrt (default: all available; eager fp32 torch is "
-                        "always measured as the baseline)")
+                   help="torch, torch-compile, onnxruntime, openvino, tensorrt, torch-cudagraphs (default: all "
+                        "available; eager fp32 torch is always measured as the baseline)")
     b.add_argument("--precisions", nargs="+", default=None, choices=PRECISION_CHOICES)
     b.add_argument("--batches", nargs="+", type=int, default=[1, 4])
+    b.add_argument("--inputs", nargs="+", default=["pixels", "frame"], choices=("pixels", "frame"),
+                   help="pixels: 224x224 model input; frame: natural 480x640 RGB frames, preprocessing timed too "
+                        "(default both)")
     b.add_argument("--seconds", type=float, default=5.0, help="timing budget per backend and batch (default 5)")
     b.add_argument("--rounds", type=int, default=10, help="interleaved rounds the budget is split into")
     add_encoder_options(b, "device", "representation", "seed", "threads",

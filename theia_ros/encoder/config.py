@@ -79,8 +79,8 @@ ENCODER_DEFAULTS = {
     "output_dtype": "float32",
     "threads": 0,
 }
-BACKEND_CHOICES = ("auto", "torch", "onnxruntime", "tensorrt")
-PRECISION_CHOICES = ("fp32", "fp16", "bf16")
+BACKEND_CHOICES = ("auto", "torch", "onnxruntime", "openvino", "tensorrt")
+PRECISION_CHOICES = ("fp32", "fp16", "bf16", "int8")
 OUTPUT_DTYPE_CHOICES = ("float32", "float16")
 
 # --------------------------------------------------------------------------------------------

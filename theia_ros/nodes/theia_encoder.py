@@ -54,8 +54,9 @@ ENCODER_PARAMETERS = (
     Param("seed", ENCODER_DEFAULTS["seed"], "Seed of random weights (model 'random:...').", int_range=(0, 2**31 - 1)),
     Param("backend", ENCODER_DEFAULTS["backend"],
           "Inference engine; auto: tensorrt where CUDA and torch-tensorrt exist, else torch on CUDA, else the "
-          "fastest accurate CPU engine (onnxruntime, built once and cached).", choices=BACKEND_CHOICES),
-    Param("precision", ENCODER_DEFAULTS["precision"], "Inference precision.", choices=PRECISION_CHOICES),
+          "fastest accurate CPU engine (openvino, else onnxruntime; built once and cached).", choices=BACKEND_CHOICES),
+    Param("precision", ENCODER_DEFAULTS["precision"], "Inference precision; int8: openvino on the CPU, calibrated on "
+          "natural images.", choices=PRECISION_CHOICES),
     Param("device", ENCODER_DEFAULTS["device"], "Device: auto (a CUDA GPU if present, else the CPU), cpu, cuda, "
           "cuda:1, ..."),
     Param("max_batch", ENCODER_DEFAULTS["max_batch"], "Largest batch one inference takes.", int_range=(1, 64)),
@@ -64,6 +65,8 @@ ENCODER_PARAMETERS = (
           "~/.cache/theia_ros/engines. Use a persistent path: a TensorRT build takes minutes."),
     Param("tensorrt.fp32_acc", "auto", "TensorRT fp16 only: accumulate matmuls in fp32 (slower). auto: only when "
           "the fp16 engine fails the accuracy gate.", choices=("auto", "on", "off")),
+    Param("openvino.calibration_bag", "", "OpenVINO int8 only: a bag whose camera frames join the packaged "
+          "photographs in the calibration set (as `theia-ros export --calibration-bag`); empty: photographs only."),
     Param("representation", ENCODER_DEFAULTS["representation"],
           "What to publish: " + ", ".join(f"{name} {shape.split(']')[0]}]" for name, shape in REPRESENTATIONS.items())
           + ", or teacher:<teacher id> [H*W,C_teacher]."),
@@ -214,7 +217,8 @@ class TheiaEncoderNode(LifecycleNode):
             self.encoder = create_encoder(
                 p.model, seed=p.seed, backend=p.backend, precision=p.precision, device=p.device,
                 max_batch=p.max_batch, representation=p.representation, output_dtype=p.output_dtype,
-                cache_dir=p.engine_cache_dir or None, fp32_acc=p.tensorrt_fp32_acc, input_size=first_size,
+                cache_dir=p.engine_cache_dir or None, fp32_acc=p.tensorrt_fp32_acc,
+                calibration_bag=p.openvino_calibration_bag or None, input_size=first_size,
                 pos_interpolation=first_pos)
             for size, pos in others:
                 self.encoder.prepare(size, pos)
