@@ -20,6 +20,19 @@ use_package_fastdds_profile()
 import pytest  # noqa: E402 (the test run's ROS environment is set first)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tests, unlike benchmarks, need steady times: on a busy 2-core machine two torch (OpenMP)
+    threads stall each other for up to a second per forward; one thread does not (and tiny models
+    run faster on one). Modules ask for it with pytest.mark.usefixtures("one_torch_thread")."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="session")
 def ros_client():
     """An in-process rclpy node (own context and executor) the tests talk through."""

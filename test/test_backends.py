@@ -27,7 +27,8 @@ from theia_ros.backends.validation import (
 
 TINY = "random:theia-tiny-patch16-224-cddsv"
 # torch.export's own deprecation chatter while exporting (not ours)
-pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 
 def _has(module):
@@ -38,16 +39,6 @@ def _has(module):
 
 needs_ort = pytest.mark.skipif(not (_has("onnxruntime") and _has("onnx") and _has("onnxscript")),
                                reason="onnxruntime / onnx / onnxscript not installed")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tests, unlike benchmarks, need steady times: on a busy 2-core machine two torch (OpenMP)
-    threads stall each other for up to a second per forward; one thread does not."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="session", autouse=True)

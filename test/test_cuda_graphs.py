@@ -14,17 +14,10 @@ from theia_ros.backends.factory import create_backend, create_encoder
 from theia_ros.backends.torch_backend import BucketRunner, TorchBackend, batch_buckets
 from theia_ros.backends.validation import cosine, min_cosine_for, reference_output, validation_pixels
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TINY = "random:theia-tiny-patch16-224-cddsv"
 SMALL = (32, 48)  # a 2x3 patch grid: the model runs in milliseconds on one thread
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from conformance_weights import write_checkpoint
-from test_backends import fake_trt, needs_ort, one_torch_thread  # noqa: F401 (pytest fixtures and marker shared with test_backends)
+from test_backends import fake_trt, needs_ort  # noqa: F401 (a pytest fixture and a marker shared with test_backends)
 
 from theia_ros.backends import cache
 from theia_ros.backends.base import BackendError
@@ -35,6 +35,8 @@ from theia_ros.preprocess import (
     to_model_input,
 )
 from theia_ros.representations import feature_shape_for, select_representation
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 DATA = Path(__file__).resolve().parent / "data" / "isaaclab"
 GOLDEN_SEED = 2024

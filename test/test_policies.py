@@ -29,17 +29,10 @@ from theia_ros.policies.theia_head import TheiaHeadPolicy
 from theia_ros.representations import feature_shape_for
 from theia_ros.weights import CheckpointError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 JOINTS = [f"joint{i}" for i in range(1, 8)]
 C = 192  # theia-tiny width
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models: one thread is faster and does not thrash a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_spec(representation="tokens", cameras=("front",), history=1, joints=JOINTS, dim=C):

@@ -30,16 +30,6 @@ INT8_MAX_DIFF, INT8_MIN_COSINE = 3e-2, 0.99
 
 
 @pytest.fixture(scope="module")
-def torch_one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
 def sim():
     from theia_ros.sim import Simulation
 
@@ -64,7 +54,7 @@ def _encoder(backend="torch", precision="fp32"):
 
 
 @pytest.fixture(scope="module")
-def reference(torch_one_thread, sim, shipped):
+def reference(one_torch_thread, sim, shipped):
     """The fp32 encoder, and per seed its episode with a second fp32 encoder as the shadow."""
     fp32 = _encoder()
     twin = Agent(_encoder(), shipped, lower=sim.lower, upper=sim.upper)

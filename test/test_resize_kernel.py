@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from test_resize import pil_resize, pil_two_passes
 
 import theia_ros.resize as resize_module
 from theia_ros.preprocess import to_model_input
@@ -21,18 +21,6 @@ from theia_ros.resize import resize_like_pil, resize_normalized_like_pil, vertic
 skdata = pytest.importorskip("skimage.data")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def pil_resize(img, size):
-    h, w = size
-    return np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR))
-
-
-def pil_two_passes(img, size, vfirst):
-    """Pillow's passes in a given order (a resize that changes one size is one pass in every Pillow)."""
-    h, w = size
-    im = Image.fromarray(img)
-    im = im.resize((im.width, h), Image.BILINEAR) if vfirst else im.resize((w, im.height), Image.BILINEAR)
-    return np.asarray(im.resize((w, h), Image.BILINEAR))
 
 
 @pytest.fixture(scope="module")
