@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Encoder node over real DDS: camera process -> theia_encoder process -> this (subscriber) process.
 
-    .venv/bin/python benchmarks/bench_encoder_node.py [--seconds 30] [--torch-threads 1]
+    .venv/bin/python benchmarks/bench_encoder_node.py [--seconds 30] [--torch-threads 1] [--backend openvino]
+                                                      [--precision int8]
 
 Two runs: one camera at 15 Hz, and two cameras at 10 Hz each; 640x480 rgb8, theia-tiny (random
 weights: speed is the same as real ones). Prints per-stage medians (the node's own diagnostics),
@@ -46,11 +47,11 @@ def rss_mb(pid):
     return float("nan")
 
 
-def run_case(client, cameras, rate, seconds, threads, workdir):
+def run_case(client, cameras, rate, seconds, threads, workdir, backend="torch", precision="fp32"):
     params = {
         "synthetic_camera": {"ros__parameters": {"cameras": cameras, "rate": rate, "width": 640, "height": 480}},
-        "theia_encoder": {"ros__parameters": {"model": "random:theia-tiny-patch16-224-cddsv", "backend": "torch",
-                                              "cameras": cameras,
+        "theia_encoder": {"ros__parameters": {"model": "random:theia-tiny-patch16-224-cddsv", "backend": backend,
+                                              "precision": precision, "cameras": cameras,
                                               "torch_threads": threads, "diagnostics_period": 1.0}},
     }
     path = Path(workdir) / f"bench_{len(cameras)}.yaml"
@@ -98,16 +99,20 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--torch-threads", type=int, default=1)
+    ap.add_argument("--backend", default="torch", help="the encoder's backend parameter (e.g. openvino)")
+    ap.add_argument("--precision", default="fp32", help="the encoder's precision parameter (e.g. int8)")
     args = ap.parse_args()
     client = RosTestClient("bench_subscriber")
     results = []
     with tempfile.TemporaryDirectory() as workdir:
         for cameras, rate in ((["camera"], 15.0), (["left", "right"], 10.0)):
-            rows, early, end = run_case(client, cameras, rate, args.seconds, args.torch_threads, workdir)
+            rows, early, end = run_case(client, cameras, rate, args.seconds, args.torch_threads, workdir,
+                                          args.backend, args.precision)
             results.append((cameras, rate, rows, early, end))
     client.close()
 
-    print(f"\n## Encoder node over Fast DDS: 640x480 rgb8, theia-tiny fp32 CPU, torch threads {args.torch_threads}, "
+    print(f"\n## Encoder node over Fast DDS: 640x480 rgb8, theia-tiny {args.backend} {args.precision} CPU, "
+          f"torch threads {args.torch_threads}, "
           f"{args.seconds:.0f} s per case (random weights: same speed as real ones)\n")
     print("| case | camera | out Hz | in / out / dropped | decode p50 | preprocess p50 | inference p50 / p99 | "
           "publish p50 | node overhead p50 / p99 | e2e p50 / p99 | e2e - inference p50 |")
