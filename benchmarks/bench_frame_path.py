@@ -104,6 +104,19 @@ def timed(fn, reps):
 
 
 PREPROCESS_BUDGET_MS = 0.5  # the whole theia preprocessing of one 640x480 frame, on one thread
+EVICT_MB = 64  # more than this CPU's caches: what an inference between two frames does to them
+
+
+def timed_cold(fn, reps, scratch):
+    """Like timed(), but each call comes after writing ``scratch`` (caches evicted), as a node's
+    preprocessing comes after the previous frame's inference, not straight after itself."""
+    out = []
+    for _ in range(reps):
+        scratch += 1.0
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
 
 
 @contextlib.contextmanager
@@ -164,6 +177,14 @@ def resize_section(picture, rounds):
         "to_model_input, numba route fused (now)": routed(lambda: to_model_input(picture), "numba"),
     }
     rows = {}
+    scratch = np.zeros(EVICT_MB * 1024 * 1024 // 8)
+    torch.set_num_threads(1)
+    cold_cases = [name for name in cases if not name.startswith("torch antialiased")]
+    cold = {name: [] for name in cold_cases}
+    for _ in range(rounds):
+        for name in cold_cases:
+            cold[name] += timed_cold(cases[name], 10, scratch)
+    rows["cold"] = {name: np.median(t) * 1e3 for name, t in cold.items()}
     for threads in (1, 2):
         torch.set_num_threads(threads)
         samples = {name: [] for name in cases}
@@ -203,6 +224,12 @@ def print_resize_section(rows, jit, rounds):
                 1]["Pillow BILINEAR (the reference)"] else "FAIL"
         print(f"| {name} | {rows[1][name]:.3f} ms | {rows[2][name]:.3f} ms | {ref / rows[1][name]:.2f} | {budget} "
               f"| {result} |")
+    print(f"\nCold, 1 thread: each call after writing {EVICT_MB} MB (caches evicted, as after an inference in the "
+          "encoder node; the budget above is for warm calls, back to back):\n")
+    print("| step | cold | warm | cold / warm |")
+    print("|---|---|---|---|")
+    for name, ms in rows["cold"].items():
+        print(f"| {name} | {ms:.3f} ms | {rows[1][name]:.3f} ms | {ms / rows[1][name]:.2f} |")
     print(f"\nnumba route, first call in a fresh process (640x480 frame): {jit['cold']:.2f} s with an empty cache "
           f"(compile), {jit['cache warm']:.2f} s with numba's on-disk cache warm (both include importing numba)")
 

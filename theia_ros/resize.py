@@ -45,7 +45,10 @@ Coefficients are computed once per (input, output) size. A 640x480 frame to 224x
 (benchmarks/bench_frame_path.py measures all of these in one run; ratios from one run on a shared
 2-core machine): numba route ~0.35 ms for the uint8 resize and ~0.37 ms for the whole theia
 preprocessing to float32 (the 0.5 ms budget), torch route ~0.86 ms and ~1.1 ms, Pillow ~1.7 ms,
-torch's antialiased bilinear ~0.29 ms (off by one level on ~0.2% of the bytes).
+torch's antialiased bilinear ~0.29 ms (off by one level on ~0.2% of the bytes). Those are warm calls,
+back to back; with the caches evicted first, as in the encoder node after an inference, the whole
+preprocessing takes ~0.9 ms (torch route ~2.1 ms): the work memory (3 words per pixel of the larger
+of the two images, kept per thread) then comes from main memory.
 """
 from __future__ import annotations
 
