@@ -10,6 +10,7 @@ import torch
 
 from theia_ros.backends import torch_backend
 from theia_ros.backends.base import BackendError
+from theia_ros.backends.calibration import natural_pixels
 from theia_ros.backends.factory import create_backend, create_encoder
 from theia_ros.backends.torch_backend import BucketRunner, TorchBackend, batch_buckets
 from theia_ros.backends.validation import cosine, min_cosine_for, reference_output, validation_pixels
@@ -170,7 +171,10 @@ def graphs_on_cpu(monkeypatch):
 def test_backend_runs_through_its_graphs_with_the_gate(tiny, graphs_on_cpu, precision):
     backend = TorchBackend(tiny, precision=precision, device="cpu", max_batch=3, input_size=SMALL, cuda_graphs=True)
     assert graphs_on_cpu.captures == [1, 2, 3], "every bucket captured when the backend is built"
-    assert graphs_on_cpu.replays == [2], "the accuracy gate ran through the batch-2 graph"
+    # the gate ran through the graphs: the synthetic pair (batch 2), then for bf16 the held-out photographs
+    n = 0 if precision == "fp32" else len(natural_pixels(SMALL)[0])
+    photographs = [2] * (n // 2) + [1] * (n % 2)
+    assert graphs_on_cpu.replays == [2] + photographs, "the accuracy gate ran through the graphs"
     assert backend.validation_cosine >= min_cosine_for(precision)
     assert backend._forward.autocast_cache is False
     identity = backend.identity

@@ -124,6 +124,7 @@ class TorchBackend(InferenceBackend):
             log.info("torch %s on %s: captured CUDA graphs for batches %s at %dx%d in %.1f s", precision, self.device,
                      ", ".join(map(str, self._graphs.buckets)), *self.input_size, time.perf_counter() - start)
         self.validation_cosine = None
+        self.validation = None  # the gate's result (validation.gate), when it ran
         if validate is None:
             validate = precision != "fp32" or self.compile_mode is not None or self.lean or self.cuda_graphs
         if validate:
@@ -142,19 +143,20 @@ class TorchBackend(InferenceBackend):
         return identity
 
     def _validate(self):
-        from theia_ros.backends.validation import check_output, min_cosine_for, reference_output, validation_pixels
+        from theia_ros.backends.validation import gate
 
-        pixels = validation_pixels(min(2, self.max_batch), size=self.input_size)
         start = time.perf_counter()
-        reference = reference_output(self.model, pixels, self.representation, self.device, self.pos_interpolation)
         what = f"torch {self.precision} on {self.device}"
         if self.compile_mode:
             what += f" (compile {self.compile_mode})"
         if self.cuda_graphs:
             what += " (CUDA graphs)"
-        self.validation_cosine = check_output(self.run_pixels(pixels), reference, min_cosine_for(self.precision), what)
-        log.info("%s: cosine %.6f to fp32 torch on the validation input (%.1f s)", what, self.validation_cosine,
-                 time.perf_counter() - start)
+        # fp16/bf16: also per image on held-out photographs (the gate's natural images), like every engine
+        self.validation = gate(self.run_pixels, self.model, self.representation, self.precision, what,
+                               input_size=self.input_size, pos_interpolation=self.pos_interpolation,
+                               max_batch=min(2, self.max_batch), device=self.device)
+        self.validation_cosine = self.validation["cosine"]
+        log.info("%s: cosine %.6f to fp32 torch (%.1f s)", what, self.validation_cosine, time.perf_counter() - start)
 
     @torch.inference_mode()
     def run_pixels(self, pixels):

@@ -79,11 +79,12 @@ def reference_output(model, pixels, representation, device=None, pos_interpolati
 
 
 def gate(run, model, representation, precision, what, input_size=(224, 224), pos_interpolation="scale_factor",
-         max_batch=2, natural=None) -> dict:
+         max_batch=2, natural=None, device=None) -> dict:
     """The accuracy gate of an engine: ``run`` (pixels -> output) against fp32 eager torch on the fixed
     synthetic input and, for precisions below fp32 (or ``natural=True``), on held-out natural photographs
     (backends.calibration.natural_pixels; never the int8 calibration images), per image, at
-    ``min_cosine_for(precision)``.  Raises BackendError naming the worst image; returns
+    ``min_cosine_for(precision)``.  The reference runs where the model lives (``device``; default the
+    CPU).  Raises BackendError naming the worst image; returns
     ``{"cosine": worst, "synthetic": ..., "natural": ..., "worst_image": name, "min_cosine": ...}``."""
     import logging
 
@@ -99,7 +100,7 @@ def gate(run, model, representation, precision, what, input_size=(224, 224), pos
     result = {"min_cosine": min_cos, "representation": representation}
     worst, worst_name = float("inf"), ""
     for label, names, pixels in sets:
-        reference = reference_output(model, pixels, representation, torch.device("cpu"), pos_interpolation)
+        reference = reference_output(model, pixels, representation, device or torch.device("cpu"), pos_interpolation)
         chunks = [torch.as_tensor(run(pixels[i:i + max_batch])) for i in range(0, len(pixels), max_batch)]
         output = torch.cat(chunks)
         check_output(output, reference, -1.0, f"{what} on {label} images")  # shape and finiteness
