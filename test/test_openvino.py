@@ -141,23 +141,27 @@ def test_calibration_set_is_deterministic_natural_and_held_out():
     assert a.pixels.shape == (9, 3, 224, 224) and float(a.pixels.std()) > 0.2  # photographs, not flat frames
     assert CalibrationSet(count=10).identity != a.identity and CalibrationSet(count=9, seed=1).identity != a.identity
     assert not set(CALIBRATION_PHOTOS) & set(HELD_OUT_PHOTOS)
-    with pytest.raises(BackendError, match="does not exist"):
-        CalibrationSet(bag="/nonexistent/bag")
+    with pytest.raises(BackendError, match="must be a CalibrationFrames"):
+        CalibrationSet(extra=["/a/bag/path"])
 
 
 def test_calibration_takes_frames_of_a_bag(tmp_path):
     from test_bags import make_camera_bag
 
-    from theia_ros.backends.calibration import CalibrationSet, bag_frames
+    from theia_ros.backends.calibration import CalibrationSet
+    from theia_ros.bags.calibration import calibration_frames
 
     make_camera_bag(tmp_path / "cams", "mcap", n=6)
-    frames = bag_frames(tmp_path / "cams", limit=4)
+    extra = calibration_frames(tmp_path / "cams", limit=4)
+    frames = extra.frames
     assert 1 <= len(frames) <= 4 and all(f.ndim == 3 and f.shape[2] == 3 and f.dtype == np.uint8 for f in frames)
-    with_bag = CalibrationSet(count=3, bag=tmp_path / "cams", bag_limit=4)
+    with_bag = CalibrationSet(count=3, extra=extra)
     assert len(with_bag) == 3 + len(frames) and with_bag.identity["bag"]["path"] == str(tmp_path / "cams")
     assert with_bag.identity != CalibrationSet(count=3).identity  # another set, another int8 engine
     with pytest.raises(BackendError, match="no camera"):
-        bag_frames(tmp_path / "cams", topics=["/joint_states"])
+        calibration_frames(tmp_path / "cams", topics=["/joint_states"])
+    with pytest.raises(BackendError, match="does not exist"):
+        calibration_frames(tmp_path / "nonexistent")
 
 
 @needs_ov

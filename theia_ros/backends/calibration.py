@@ -11,18 +11,18 @@ the wheel; no download), so every machine builds the same calibration set:
   never calibrated on: the gate checks int8 / bf16 engines on them (with a flipped and a cropped
   view each), so that an engine is judged on images it was not tuned to.
 
-Frames of a bag the user names (``calibration_bag``) join the calibration set: up to ``bag_frames``
-camera frames spread evenly over the bag's Image / CompressedImage topics, decoded with the bag
-tools' own conversion.  Everything is preprocessed as the encoder does (preprocess.to_model_input with
-the engine's input size); ``CalibrationSet.identity`` names the set (recipe, photographs and the
-scikit-image version they come from, count, seed, the bag's path and size) for the engine cache key.
+Frames of the user's own cameras join the calibration set as :class:`CalibrationFrames` (frames and
+what names them); bags.calibration reads them from a bag (``calibration_bag`` / ``--calibration-bag``:
+up to 32 frames spread evenly over its Image / CompressedImage topics), so that this module reads no
+bags.  Everything is preprocessed as the encoder does (preprocess.to_model_input with the engine's
+input size); ``CalibrationSet.identity`` names the set (recipe, photographs and the scikit-image
+version they come from, count, seed, and the extra frames' identity) for the engine cache key.
 """
 from __future__ import annotations
 
 import functools
 import logging
-import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -35,7 +35,6 @@ CALIBRATION_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "cat", "immuno
                       "hubble_deep_field")
 HELD_OUT_PHOTOS = ("motorcycle_left", "retina", "grace_hopper")
 DEFAULT_CALIBRATION_SIZE = 64
-DEFAULT_BAG_FRAMES = 32
 CALIBRATION_SEED = 0
 #: bump when the way the set is made changes (a different set makes a different int8 engine)
 CALIBRATION_RECIPE = 2
@@ -134,40 +133,6 @@ def held_out_photographs() -> Dict[str, np.ndarray]:
     return out
 
 
-def bag_frames(path, limit: int = DEFAULT_BAG_FRAMES, topics: Optional[Sequence[str]] = None) -> List[np.ndarray]:
-    """Up to ``limit`` RGB frames spread evenly over the camera topics of bag ``path`` (all Image /
-    CompressedImage topics, or ``topics``).  BackendError for a bag without camera frames."""
-    from theia_ros.bags.io import CAMERA_TYPES, BagError, decode_camera_message, open_bag
-    from theia_ros.images import ImageDecodeError
-
-    try:
-        with open_bag(path) as reader:
-            conns = [c for c in reader.connections if c.msgtype in CAMERA_TYPES
-                     and (not topics or c.topic in topics)]
-            if not conns:
-                raise BackendError(f"calibration bag {path}: no camera (Image / CompressedImage) topic"
-                                   + (f" among {', '.join(topics)}" if topics else ""))
-            total = sum(int(getattr(c, "msgcount", 0) or 0) for c in conns) or limit
-            stride = max(1, total // max(1, int(limit)))
-            frames, errors = [], 0
-            for index, (conn, _stamp, raw) in enumerate(reader.messages(connections=conns)):
-                if index % stride:
-                    continue
-                try:
-                    frames.append(decode_camera_message(raw, conn.msgtype)[1])
-                except ImageDecodeError:
-                    errors += 1
-                if len(frames) >= limit:
-                    break
-    except BagError as exc:
-        raise BackendError(f"calibration bag: {exc}") from None
-    if not frames:
-        raise BackendError(f"calibration bag {path}: no decodable camera frame ({errors} undecodable)")
-    if errors:
-        log.warning("calibration bag %s: skipped %d undecodable frames", path, errors)
-    return frames
-
-
 def to_pixels(images, input_size) -> torch.Tensor:
     """RGB uint8 images of any sizes -> model input [N, 3, H, W] at ``input_size``, as the encoder does."""
     from theia_ros.preprocess import PreprocessConfig, to_model_input
@@ -176,25 +141,28 @@ def to_pixels(images, input_size) -> torch.Tensor:
     return torch.cat([to_model_input(image, config) for image in images])
 
 
+class CalibrationFrames(NamedTuple):
+    """Frames of the user's cameras for the calibration set (RGB uint8 [H, W, 3], any sizes) and a dict that
+    names them in the engine cache key (e.g. the bag's path, size and frame count: bags.calibration)."""
+
+    frames: tuple
+    identity: dict
+
+
 class CalibrationSet:
     """The int8 calibration set for one input size: :attr:`identity` names it (cheap: what the engine cache key
     holds), :attr:`pixels` makes it (photographs, then the bag's frames, preprocessed; only when an engine is
     built)."""
 
     def __init__(self, input_size=(224, 224), count: int = DEFAULT_CALIBRATION_SIZE, seed: int = CALIBRATION_SEED,
-                 bag=None, bag_limit: int = DEFAULT_BAG_FRAMES):
+                 extra: Optional[CalibrationFrames] = None):
         self.input_size = tuple(int(v) for v in input_size)
-        self.count, self.seed, self.bag_limit = int(count), int(seed), int(bag_limit)
+        self.count, self.seed = int(count), int(seed)
         if self.count < 1:
             raise BackendError(f"calibration set size must be at least 1, got {count}")
-        self.bag = None if bag in (None, "") else os.path.abspath(os.path.expanduser(str(bag)))
-        bag_id = None
-        if self.bag is not None:
-            if not os.path.exists(self.bag):
-                raise BackendError(f"calibration bag {self.bag} does not exist")
-            files = [self.bag] if os.path.isfile(self.bag) else sorted(
-                os.path.join(self.bag, n) for n in os.listdir(self.bag) if n.endswith((".mcap", ".db3")))
-            bag_id = {"path": self.bag, "bytes": sum(os.path.getsize(f) for f in files), "frames": self.bag_limit}
+        if extra is not None and not isinstance(extra, CalibrationFrames):
+            raise BackendError(f"extra calibration frames must be a CalibrationFrames, got {type(extra).__name__}")
+        self.extra = extra
         try:
             import skimage
 
@@ -207,7 +175,7 @@ class CalibrationSet:
             "scikit_image": photos_version,
             "count": self.count,
             "seed": self.seed,
-            "bag": bag_id,
+            "bag": None if extra is None else dict(extra.identity),
         }
         self._pixels = None
 
@@ -215,8 +183,8 @@ class CalibrationSet:
     def pixels(self) -> torch.Tensor:
         if self._pixels is None:
             images = calibration_photographs(self.count, self.seed)
-            if self.bag is not None:
-                images = images + bag_frames(self.bag, self.bag_limit)
+            if self.extra is not None:
+                images = images + list(self.extra.frames)
             self._pixels = to_pixels(images, self.input_size)
         return self._pixels
 

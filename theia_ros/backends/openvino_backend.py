@@ -179,7 +179,7 @@ class OpenVINOBackend(InferenceBackend):
     name = "openvino"
 
     def __init__(self, model, representation="tokens", precision="fp32", device="cpu", max_batch=4,
-                 threads=None, cache_dir=None, rebuild=False, calibration_bag=None, calibration_size=None,
+                 threads=None, cache_dir=None, rebuild=False, calibration_frames=None, calibration_size=None,
                  input_size=None, pos_interpolation="scale_factor"):
         if str(device).startswith("gpu"):  # torch has no "gpu" device: say what to pass
             raise BackendError(f"openvino backend: device {device!r}: use 'xpu' (or 'xpu:N') for an Intel GPU, "
@@ -211,8 +211,8 @@ class OpenVINOBackend(InferenceBackend):
             raise BackendError("openvino backend: int8 needs the nncf package (pip install 'theia_ros[openvino]')")
         if not 1 <= self.max_batch <= MAX_OPENVINO_BATCH:
             raise BackendError(f"openvino backend: max_batch must be 1..{MAX_OPENVINO_BATCH}, got {max_batch}")
-        if calibration_bag not in (None, "") and precision != "int8":
-            log.info("openvino backend: calibration_bag is for int8 only; ignored at %s", precision)
+        if calibration_frames is not None and precision != "int8":
+            log.info("openvino backend: calibration_frames are for int8 only; ignored at %s", precision)
         self.model = model if model.device.type == "cpu" else copy.deepcopy(model).to("cpu")
         export_module(self.model, representation)  # unknown representation/teacher: fail before converting
         self.threads = int(threads) if threads else max(1, torch.get_num_threads())
@@ -221,7 +221,7 @@ class OpenVINOBackend(InferenceBackend):
             from theia_ros.backends.calibration import DEFAULT_CALIBRATION_SIZE, CalibrationSet
 
             self.calibration = CalibrationSet(self.input_size, int(calibration_size or DEFAULT_CALIBRATION_SIZE),
-                                              bag=calibration_bag)
+                                              extra=calibration_frames)
         self.key = engine_key(self.model, representation, precision, self.input_size, self.pos_interpolation,
                               self.calibration.identity if self.calibration is not None else None)
         try:

@@ -65,8 +65,14 @@ def _run_export(args) -> int:
         options["fp32_acc"] = args.fp32_acc
     if args.backend == "openvino":
         options["threads"] = args.threads or None
-        if args.calibration_bag:
-            options["calibration_bag"] = args.calibration_bag
+        if args.calibration_bag and precision == "int8":
+            from theia_ros.bags.calibration import calibration_frames
+
+            try:
+                options["calibration_frames"] = calibration_frames(args.calibration_bag)
+            except BackendError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
     if args.cache_dir:
         options["cache_dir"] = args.cache_dir
     print(f"{args.backend} {precision} engine for {model.variant} ({args.representation}), batch 1..{args.max_batch}, "

@@ -214,11 +214,16 @@ class TheiaEncoderNode(LifecycleNode):
                 if size is not None:
                     known.setdefault((size, configs[name].pos_interpolation), name)
             (first_size, first_pos), *others = list(known) or [(None, p.pos_interpolation)]
+            extra_frames = None
+            if p.openvino_calibration_bag and p.precision == "int8":
+                from theia_ros.bags.calibration import calibration_frames
+
+                extra_frames = calibration_frames(p.openvino_calibration_bag)
             self.encoder = create_encoder(
                 p.model, seed=p.seed, backend=p.backend, precision=p.precision, device=p.device,
                 max_batch=p.max_batch, representation=p.representation, output_dtype=p.output_dtype,
                 cache_dir=p.engine_cache_dir or None, fp32_acc=p.tensorrt_fp32_acc,
-                calibration_bag=p.openvino_calibration_bag or None, input_size=first_size,
+                calibration_frames=extra_frames, input_size=first_size,
                 pos_interpolation=first_pos)
             for size, pos in others:
                 self.encoder.prepare(size, pos)
