@@ -33,6 +33,23 @@ def one_torch_thread():
     torch.set_num_threads(saved)
 
 
+@pytest.fixture(scope="module")
+def engine_cache(tmp_path_factory):
+    """A fresh engine cache ($THEIA_ROS_CACHE) per test module; benchmarks/gpu_check.sh hands in the cache
+    its exports just filled (THEIA_TEST_ENGINE_CACHE) so that the GPU tests load those engines instead of
+    rebuilding them."""
+    from theia_ros.backends import cache
+
+    root = os.environ.get("THEIA_TEST_ENGINE_CACHE") or tmp_path_factory.mktemp("engine_cache")
+    saved = os.environ.get(cache.ENV_VAR)
+    os.environ[cache.ENV_VAR] = str(root)
+    yield root
+    if saved is None:
+        os.environ.pop(cache.ENV_VAR, None)
+    else:
+        os.environ[cache.ENV_VAR] = saved
+
+
 @pytest.fixture(scope="session")
 def ros_client():
     """An in-process rclpy node (own context and executor) the tests talk through."""

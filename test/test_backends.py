@@ -28,7 +28,7 @@ from theia_ros.backends.validation import (
 TINY = "random:theia-tiny-patch16-224-cddsv"
 # torch.export's own deprecation chatter while exporting (not ours)
 pytestmark = [pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning"),
-              pytest.mark.usefixtures("one_torch_thread")]
+              pytest.mark.usefixtures("one_torch_thread", "engine_cache")]
 
 
 def _has(module):
@@ -39,20 +39,6 @@ def _has(module):
 
 needs_ort = pytest.mark.skipif(not (_has("onnxruntime") and _has("onnx") and _has("onnxscript")),
                                reason="onnxruntime / onnx / onnxscript not installed")
-
-
-@pytest.fixture(scope="session", autouse=True)
-def engine_cache(tmp_path_factory):
-    # a fresh cache per session; benchmarks/gpu_check.sh hands in the cache its exports just filled
-    # (THEIA_TEST_ENGINE_CACHE) so that the GPU tests load those engines instead of rebuilding them
-    root = os.environ.get("THEIA_TEST_ENGINE_CACHE") or tmp_path_factory.mktemp("engine_cache")
-    saved = os.environ.get(cache.ENV_VAR)
-    os.environ[cache.ENV_VAR] = str(root)
-    yield root
-    if saved is None:
-        os.environ.pop(cache.ENV_VAR, None)
-    else:
-        os.environ[cache.ENV_VAR] = saved
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ several input sizes coexist in one cache; the teacher heads refuse any size but 
 import copy
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import cv2
@@ -36,7 +35,7 @@ from theia_ros.preprocess import (
 )
 from theia_ros.representations import feature_shape_for, select_representation
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "engine_cache")
 
 DATA = Path(__file__).resolve().parent / "data" / "isaaclab"
 GOLDEN_SEED = 2024
@@ -44,18 +43,6 @@ VARIANT = "theia-tiny-patch16-224-cddsv"
 SIZES = [(224, 224), (480, 640), (128, 128), (100, 150), (96, 128), (720, 1280)]
 CONVENTIONS = ("scale_factor", "size")
 TINY = "random:theia-tiny-patch16-224-cddsv"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def engine_cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("engine_cache")
-    saved = os.environ.get(cache.ENV_VAR)
-    os.environ[cache.ENV_VAR] = str(root)
-    yield root
-    if saved is None:
-        os.environ.pop(cache.ENV_VAR, None)
-    else:
-        os.environ[cache.ENV_VAR] = saved
 
 
 @pytest.fixture(scope="module")

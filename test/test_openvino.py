@@ -5,7 +5,6 @@ One module-scoped engine cache, one thread, theia-tiny random weights, a small i
 """
 import json
 import logging
-import os
 
 import numpy as np
 import pytest
@@ -18,24 +17,11 @@ from theia_ros.backends.factory import create_backend
 from theia_ros.backends.validation import cosine_per_sample, reference_output
 
 TINY = "random:theia-tiny-patch16-224-cddsv"
-pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning"),
+              pytest.mark.usefixtures("one_torch_thread", "engine_cache")]
 # the extra is optional: engine tests need it; its absence is simulated in the plan test below
 needs_ov = pytest.mark.skipif(not (ovb.openvino_available() and ovb.nncf_available()),
                               reason="openvino / nncf not installed")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_and_a_cache(tmp_path_factory):
-    saved_threads, saved_root = torch.get_num_threads(), os.environ.get(cache.ENV_VAR)
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("ov_engines")
-    os.environ[cache.ENV_VAR] = str(root)
-    yield root
-    torch.set_num_threads(saved_threads)
-    if saved_root is None:
-        os.environ.pop(cache.ENV_VAR, None)
-    else:
-        os.environ[cache.ENV_VAR] = saved_root
 
 
 @pytest.fixture(scope="module")
