@@ -30,7 +30,8 @@ OUT=${OUT:-}
 export THEIA_ROS_CACHE=${THEIA_ROS_CACHE:-$(mktemp -d "${HOME:-/root}/.theia_gpu_check.XXXXXX")}
 TINY=random:theia-tiny-patch16-224-cddsv
 BASE=random:theia-base-patch16-224-cddsv
-LOG=${OUT:-$THEIA_ROS_CACHE}/gpu_check.log   # kept with the results, not in the work tree
+RESULTS=${OUT:-$THEIA_ROS_CACHE}   # the log and the bench rows (JSON) are kept there, not in the work tree
+LOG=$RESULTS/gpu_check.log
 : > "$LOG"
 
 FAILED=()
@@ -135,29 +136,36 @@ if (( HAVE_TRT )); then
   fi
   say "bench theia-tiny (TensorRT + eager torch + torch CUDA graphs, CUDA)"
   run 150 "$PY" -m theia_ros.cli bench "$TINY" --device cuda --backends torch tensorrt torch-cudagraphs \
-      --batches 1 4 --seconds 2
+      --batches 1 4 --seconds 2 \
+      --json "$RESULTS/bench1.json"
   say "bench theia-base (TensorRT + eager torch + torch CUDA graphs, CUDA)"
   run 150 "$PY" -m theia_ros.cli bench "$BASE" --device cuda --backends torch tensorrt torch-cudagraphs \
-      --batches 1 4 --seconds 2
+      --batches 1 4 --seconds 2 \
+      --json "$RESULTS/bench2.json"
   cuda_graph_tests
   say "bench theia-tiny torch.compile (CUDA graphs) fp16, if time is left"
   run 150 "$PY" -m theia_ros.cli bench "$TINY" --device cuda --backends torch-compile --precisions fp16 \
-      --batches 1 4 --seconds 2
+      --batches 1 4 --seconds 2 \
+      --json "$RESULTS/bench3.json"
 else
   cuda_graph_tests
   say "bench theia-tiny (eager torch and torch CUDA graphs, fp32/fp16/bf16, CUDA)"
   run 120 "$PY" -m theia_ros.cli bench "$TINY" --device cuda --backends torch torch-cudagraphs \
-      --precisions fp32 fp16 bf16 --batches 1 4 --seconds 2
+      --precisions fp32 fp16 bf16 --batches 1 4 --seconds 2 \
+      --json "$RESULTS/bench4.json"
   say "bench theia-base (eager torch and torch CUDA graphs, fp32/fp16/bf16, CUDA)"
   run 150 "$PY" -m theia_ros.cli bench "$BASE" --device cuda --backends torch torch-cudagraphs \
-      --precisions fp32 fp16 bf16 --batches 1 4 --seconds 2
+      --precisions fp32 fp16 bf16 --batches 1 4 --seconds 2 \
+      --json "$RESULTS/bench5.json"
   # fp16 only: reduce-overhead compiles once per batch size (validation 2, then 1 and 4) and precision
   say "bench theia-tiny torch.compile reduce-overhead fp16 next to eager and torch CUDA graphs"
   run 180 "$PY" -m theia_ros.cli bench "$TINY" --device cuda --backends torch torch-cudagraphs torch-compile \
-      --precisions fp16 --batches 1 4 --seconds 2
+      --precisions fp16 --batches 1 4 --seconds 2 \
+      --json "$RESULTS/bench6.json"
   say "bench theia-base torch.compile reduce-overhead fp16 next to eager and torch CUDA graphs"
   run 180 "$PY" -m theia_ros.cli bench "$BASE" --device cuda --backends torch torch-cudagraphs torch-compile \
-      --precisions fp16 --batches 1 4 --seconds 2
+      --precisions fp16 --batches 1 4 --seconds 2 \
+      --json "$RESULTS/bench7.json"
 fi
 if (( ${#FAILED[@]} )); then
   say "steps that failed, timed out or were skipped: ${#FAILED[@]}"
