@@ -218,6 +218,23 @@ def test_encoder_builds_a_graphed_backend_per_input_size(graphs_on_cpu):
     assert features.shape == reference.shape and cosine(features, reference) >= 0.9999
 
 
+def test_auto_on_the_cpu_ignores_cuda_graphs(monkeypatch, caplog):
+    """The node's torch.cuda_graphs parameter reaches the backend only on CUDA: auto on a CPU-only machine
+    builds its CPU engine (torch here) and says why, and the engines of further input sizes do the same."""
+    import logging
+
+    from theia_ros.backends import factory
+
+    monkeypatch.setattr(factory, "_capabilities", lambda: {"cuda": False, "onnxruntime": False, "openvino": False})
+    with caplog.at_level(logging.INFO, logger="theia_ros.backends"):
+        encoder = create_encoder(TINY, backend="auto", device="auto", max_batch=2, input_size=SMALL, cuda_graphs=True)
+    first = encoder.backends[0]
+    assert first.name == "torch" and str(first.device) == "cpu" and first.cuda_graphs is False
+    assert "cuda_graphs applies to torch on CUDA only; ignored on the CPU" in caplog.text
+    other = encoder.backend_factory((48, 32), "scale_factor")  # what the engine of another size is built with
+    assert other is not first and other.cuda_graphs is False and other.input_size == (48, 32)
+
+
 # ----------------------------------------------------------------------------- bench
 
 def test_bench_offers_torch_cudagraphs_on_cuda_only(monkeypatch):

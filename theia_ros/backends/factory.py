@@ -161,6 +161,9 @@ def create_auto_backend(model, representation="tokens", precision="fp32", device
     candidates = plan(device, precision, _capabilities())
     classes = backend_classes()
     failures = []
+    if options.get("cuda_graphs") and not str(candidates[0][2]).startswith("cuda"):
+        log.info("auto backend: cuda_graphs applies to torch on CUDA only; ignored on the CPU")
+        options = {k: v for k, v in options.items() if k != "cuda_graphs"}
     for name, prec, dev, why in candidates:
         cls = classes[name]
         try:
@@ -190,6 +193,8 @@ def create_encoder(source, *, seed=None, backend="torch", precision=ENCODER_DEFA
     engine = create_backend(backend, model, representation=representation, precision=precision, device=device,
                             max_batch=max_batch, input_size=input_size, pos_interpolation=pos_interpolation,
                             **backend_options)
+    if not getattr(engine, "cuda_graphs", False):  # auto dropped it on the CPU: so do the other sizes' engines
+        backend_options = {k: v for k, v in backend_options.items() if k != "cuda_graphs"}
     return FeatureEncoder(model, engine, output_dtype, backend_factory=sibling_factory(engine, backend_options))
 
 

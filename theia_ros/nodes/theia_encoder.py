@@ -65,6 +65,9 @@ ENCODER_PARAMETERS = (
           "~/.cache/theia_ros/engines. Use a persistent path: a TensorRT build takes minutes."),
     Param("tensorrt.fp32_acc", "auto", "TensorRT fp16 only: accumulate matmuls in fp32 (slower). auto: only when "
           "the fp16 engine fails the accuracy gate.", choices=("auto", "on", "off")),
+    Param("torch.cuda_graphs", False, "torch on CUDA only (no TensorRT): replay the forward as CUDA graphs, one per "
+          "batch bucket (every batch up to 8, then powers of two and max_batch), captured and gated at configure; "
+          "removes the per-layer launch cost at small batches. Ignored where auto picks another engine or the CPU."),
     Param("openvino.calibration_bag", "", "OpenVINO int8 only: a bag whose camera frames join the packaged "
           "photographs in the calibration set (as `theia-ros export --calibration-bag`); empty: photographs only."),
     Param("representation", ENCODER_DEFAULTS["representation"],
@@ -222,7 +225,7 @@ class TheiaEncoderNode(LifecycleNode):
             self.encoder = create_encoder(
                 p.model, seed=p.seed, backend=p.backend, precision=p.precision, device=p.device,
                 max_batch=p.max_batch, representation=p.representation, output_dtype=p.output_dtype,
-                cache_dir=p.engine_cache_dir or None, fp32_acc=p.tensorrt_fp32_acc,
+                cache_dir=p.engine_cache_dir or None, fp32_acc=p.tensorrt_fp32_acc, cuda_graphs=p.torch_cuda_graphs,
                 calibration_frames=extra_frames, input_size=first_size,
                 pos_interpolation=first_pos)
             for size, pos in others:
