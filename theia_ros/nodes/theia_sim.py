@@ -78,6 +78,9 @@ SIM_PARAMETERS = (
     Param("episode_timeout", 0.0, "Episode length (s of simulation time) after which `done` is set in the "
           "status; 0: no limit.", float_range=(0.0, 3600.0)),
     Param("auto_reset", False, "Start the next episode (next seed) when one times out."),
+    Param("episode_clock", "reset", "When an episode's time starts: reset, or first_command (its first accepted "
+          "command or trajectory: a policy still loading does not lose the episode; the arm holds home until "
+          "then, sim/episode says waiting_for_command).", choices=("reset", "first_command")),
     Param("home_noise", 0.0, "Uniform noise (rad) on the arm's start pose per episode.", float_range=(0.0, 0.5)),
     Param("distractors", 0, "Extra objects on the table (other colours and shapes), placed per episode.",
           int_range=(0, 4)),
@@ -122,7 +125,8 @@ class TheiaSimNode(Node):
         task = ReachConfig(placement=p.object_placement, target_height=p.target_height,
                            success_distance=p.success_distance, success_hold=p.success_hold)
         self.sim = Simulation(SimConfig(physics_hz=p.physics_rate, max_joint_speed=p.max_joint_speed,
-                                        home_noise=p.home_noise, seed=p.seed, scene=scene, task=task))
+                                        home_noise=p.home_noise, seed=p.seed, scene=scene, task=task,
+                                        episode_clock=p.episode_clock))
         self.time_offset = p.start_time if p.start_time >= 0 else time.time()  # reset when run() starts
         self.set_parameters([Parameter("seed", value=p.seed + 1)])
         self.add_on_set_parameters_callback(self._on_set_parameters)

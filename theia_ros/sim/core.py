@@ -42,6 +42,7 @@ from theia_ros.sim.task import ReachConfig, ReachTask  # noqa: E402 (mujoco must
 # gripper pointing down above the table (this model's joint 6 is the real Panda's minus pi/2)
 HOME = (0.0, -0.785, 0.0, -2.356, 0.0, 0.0, 0.785)
 REJECT_REASONS = ("wrong_length", "unknown_joint", "non_finite", "beyond_limits", "bad_trajectory")
+EPISODE_CLOCKS = ("reset", "first_command")  # SimConfig.episode_clock
 
 
 class CommandError(ValueError):
@@ -64,6 +65,9 @@ class SimConfig:
     home: tuple = HOME
     home_noise: float = 0.0  # rad, uniform noise on the home pose per episode
     seed: int = 0  # seed of the first episode; later resets without a seed use the next integer
+    # when an episode's time starts: "reset", or "first_command" (the first accepted command or trajectory
+    # after the reset: a policy still loading, e.g. an encoder building its engine, does not lose the episode)
+    episode_clock: str = "reset"
     scene: SceneConfig = field(default_factory=SceneConfig)
     task: ReachConfig = field(default_factory=ReachConfig)
 
@@ -71,6 +75,9 @@ class SimConfig:
 class Simulation:
     def __init__(self, config: SimConfig | None = None):
         self.config = config or SimConfig()
+        if self.config.episode_clock not in EPISODE_CLOCKS:
+            raise ValueError(f"episode_clock {self.config.episode_clock!r}: one of {', '.join(EPISODE_CLOCKS)}")
+        self.awaiting_command = False
         t0 = time.perf_counter()
         self.model = mujoco.MjModel.from_xml_string(build_mjcf(self.config.scene))
         self.model.opt.timestep = 1.0 / self.config.physics_hz
@@ -124,7 +131,8 @@ class Simulation:
 
     @property
     def episode_time(self) -> float:
-        return self.time - self.task.start_time
+        """Simulation seconds since the episode started (0 while it waits for its first command)."""
+        return 0.0 if self.awaiting_command else self.time - self.task.start_time
 
     def joint_state(self):
         """(names, positions, velocities, efforts) of the 7 arm joints and the 2 fingers."""
@@ -178,8 +186,15 @@ class Simulation:
         self.seed = seed
         self.episode += 0 if _first else 1
         self.task.reset(now)
+        self.awaiting_command = self.config.episode_clock == "first_command"
         self.task.update(now, self.ee_position(), self.object_position())
         return self.status()
+
+    def _start_clock(self):
+        if self.awaiting_command:  # the episode starts with its first command
+            self.awaiting_command = False
+            self.task.reset(self.time)
+            self.task.update(self.time, self.ee_position(), self.object_position())
 
     def status(self) -> dict:
         """Episode status; `privileged` holds simulator state a policy must not see (the expert may)."""
@@ -187,6 +202,7 @@ class Simulation:
         return {
             "task": t.name, "episode": self.episode, "seed": self.seed,
             "time": round(self.episode_time, 4), "sim_time": round(self.time, 4),
+            "waiting_for_command": self.awaiting_command,
             "success": t.success, "success_time": None if t.success_time is None else round(t.success_time, 4),
             "distance": round(t.distance, 4),
             "privileged": {
@@ -237,6 +253,7 @@ class Simulation:
         self._trajectory = None
         self.target[idx] = values
         self.counts["commands_accepted"] += 1
+        self._start_clock()
         return self.target.copy()
 
     def command_trajectory(self, names, points):
@@ -253,6 +270,7 @@ class Simulation:
             rows.append(self._check_positions(positions, idx, f"trajectory point {k}"))
         self._trajectory = (self.time, idx, self.target[idx].copy(), np.array(times), np.array(rows))
         self.counts["trajectories_accepted"] += 1
+        self._start_clock()
 
     def _follow_trajectory(self):
         start, idx, q0, times, rows = self._trajectory
