@@ -84,7 +84,9 @@ def test_main_job_closes_the_loop_in_the_simulator(tmp_path):
     assert result.returncode == 0, out[-5000:]
     summary = json.loads(summary_json.read_text())
     episodes = summary["episodes"]
-    assert episodes["ended"] >= 3 and episodes["succeeded"] >= episodes["ended"] - 1, summary  # trained policy
+    # the trained policy solves every episode; the first one too: it starts at the policy's first command
+    # (episode_clock: first_command), not while the encoder is still configuring
+    assert episodes["ended"] >= 3 and episodes["succeeded"] == episodes["ended"], summary
     sim = summary["diagnostics"]["theia_sim: simulation"]
     assert float(sim["front_hz"]) > 10 and int(sim["front_frames"]) > 0, sim
     policy = next(v for k, v in summary["diagnostics"].items() if k.endswith(": policy"))
