@@ -20,9 +20,11 @@ preprocessing. It is built from Pillow's documented algorithm, not from its code
 Two routes give these bytes, chosen once per process (logged at INFO):
 
 * the numba route (extra ``fast-resize``; numba is pinned in requirements.txt): the integer formula
-  itself, compiled. A pixel travels as a 32-bit word (R, G, B, a zero byte); a pass along the
-  vertical axis is a weighted sum of whole rows in int32 (a long unit-stride loop that LLVM
-  vectorises); a pass along the horizontal axis is the same on the transposed words (8x8 tiles).
+  itself, compiled. The image goes through in strips of 32 rows: a pass along the vertical axis is
+  a weighted sum of whole rows in int32 (a long unit-stride loop that LLVM vectorises); a pass along
+  the horizontal axis is the same on a strip's pixels as transposed 32-bit words (R, G, B, a zero
+  byte), its rows going straight to a small ring that the vertical pass reads (or, when
+  the vertical pass comes first, it runs on the image's RGB byte rows and feeds the strips).
   Serial (``nogil``, no ``parallel=True``: no thread pool beside torch's). It can also write the
   theia model input directly (:func:`resize_normalized_like_pil`: ``v / 127.5 - 1`` in float32,
   channels first, the bits of resize-then-normalise). Compiled on first use for one signature:
@@ -30,7 +32,9 @@ Two routes give these bytes, chosen once per process (logged at INFO):
   cache directory or ``NUMBA_CACHE_DIR``), ~1-1.5 s from it, numba's import included; where no cache
   directory is writable it compiles without one (logged), and where it cannot compile, the torch
   route runs (logged). :func:`prepare` does that up front (FeatureEncoder.warm_up calls it). Work
-  memory: 3 x max(H, h) x max(W, w) words per thread, kept (3.7 MB for a 640x480 frame).
+  memory: two strips of the input's width, a ring of (longest vertical window + 32) output-width
+  rows and a strip of the output, kept per thread (~0.3 MB for a 640x480 frame; 3.7 MB before the
+  strips).
 * the torch route (no numba): a pass is a weighted sum of *rows* of a table whose rows run along
   the axis being resampled: torch's embedding-bag kernel for uint8 rows
   (``quantized::embedding_bag_byte_rowwise_offsets``; float32 rows and ``F.embedding_bag`` where a
@@ -47,8 +51,11 @@ Coefficients are computed once per (input, output) size. A 640x480 frame to 224x
 preprocessing to float32 (the 0.5 ms budget), torch route ~0.86 ms and ~1.1 ms, Pillow ~1.7 ms,
 torch's antialiased bilinear ~0.29 ms (off by one level on ~0.2% of the bytes). Those are warm calls,
 back to back; with the caches evicted first, as in the encoder node after an inference, the whole
-preprocessing takes ~0.9 ms (torch route ~2.1 ms): the work memory (3 words per pixel of the larger
-of the two images, kept per thread) then comes from main memory.
+preprocessing into a preallocated batch takes ~0.65-0.75 ms (the whole-frame kernel before the
+strips: ~0.7-0.8 ms in the same run; torch route ~2.1 ms; the kernel called directly ~0.45-0.55 ms
+cold against ~0.65-0.8 ms): reading the frame and writing the output from and to main memory alone
+take ~0.12 ms cold, the rest is the kernel's ~0.35 ms and the interpreter's, torch's and numba's own
+state coming back; the work memory (~0.3 MB) is no longer what costs.
 """
 from __future__ import annotations
 
@@ -335,103 +342,176 @@ def _resize_one(img: np.ndarray, out: np.ndarray, ws: _Workspace) -> None:
 # Serial code (no parallel=True): no thread pool beside torch's. The functions below are plain Python
 # until _numba_kernel() compiles them; the torch route above stays for where numba is not installed.
 
+_STRIP = 32  # rows a horizontal pass handles at once (a compile-time constant of the numba kernel)
+
+
+def _nb_scratch_words(H, W, h, w, kv):
+    """uint32 words of work memory the numba kernel needs for [H, W] -> [h, w], ``kv`` the longest
+    vertical window: one region per buffer, each rounded up to 64 bytes (the kernel carves them in
+    this order)."""
+    S = _STRIP
+
+    def up(n):
+        return (n + 15) // 16 * 16
+
+    ring = min(H, kv + S) * w
+    return (up(W * S) * 2 + up(ring) + up(S * ((W * 3 + 3) // 4)) + up(S * w) + up((max(w * 4, W * 3) + 3) // 4)
+            + up(max(w * 4, W * 3, S * 4)) + up(S))
+
+
 def _nb_resize(img8, img32, use_words, hs, hn, hk, vs, vn, vk, vfirst, out32, outf, fused, scratch):  # pragma: no cover
     """One RGB image ``img8`` [H, W * 3] (``img32``: the same bytes as uint32 [H, W * 3 // 4] when
     ``use_words``) -> Pillow's bytes as RGBX words in ``out32`` [h, w], or (``fused``) the theia model
     input ``outf`` [3, h, w] float32: ``v / 127.5 - 1``. ``hs, hn, hk`` / ``vs, vn, vk``: first tap,
     tap count and 22-bit weights per output column / row (empty: that axis keeps its size).
-    ``scratch``: uint32 work memory of at least 3 * max(H, h) * max(W, w) words (kept by the caller:
-    fresh megabytes on every call would cost page faults)."""
+    ``scratch``: uint32 work memory of at least :func:`_nb_scratch_words` words (kept by the caller).
 
-    def vpass(src, starts, counts, coefs, n_out, scratch, block, region):
-        # src uint32 [n_in, m] -> [n_out, m]: (sum(p * c) + 2**21) >> 22 on each byte lane, in int32
-        m = src.shape[1]
-        sb = src.view(np.uint8)
-        dst = scratch[region * block:region * block + n_out * m].reshape((n_out, m))
-        db = dst.view(np.uint8)
-        lanes = m * 4
-        acc = np.empty(lanes, np.int32)
-        for i in range(n_out):
-            s = starts[i]
-            n = counts[i]
+    The image goes through in strips of _STRIP rows, so that the work memory stays small (tens of
+    kilobytes for a camera frame: in the L1/L2 caches even right after an inference evicted them):
+
+    * horizontal pass of a strip: its pixels are loaded as words transposed, ``T[x, row]``, so that
+      the pass is a weighted sum of whole rows of T (_STRIP * 4 byte lanes, unit stride); each
+      output column's words go straight to their rows;
+    * vertical pass: one output row at a time, a weighted sum of whole input rows (byte lanes): of
+      the image's rows when it comes first (RGB bytes, no words needed), else of a ring of the
+      horizontal pass's rows, each output row computed as soon as its window's rows are there;
+    * each final row is written out at once (RGBX words, or the model input's three planes)."""
+    S = _STRIP
+
+    def vrow(src, R, s, n, coefs, lanes, acc, dst):
+        # dst[:lanes] = (sum_t coefs[t] * src[(s + t) % R, k] + 2**21) >> 22 per byte lane, in int32
+        for k in range(lanes):
+            acc[k] = 1 << 21
+        for t in range(0, n - 1, 2):
+            r0 = src[(s + t) % R]
+            r1 = src[(s + t + 1) % R]
+            c0 = coefs[t]
+            c1 = coefs[t + 1]
             for k in range(lanes):
+                acc[k] += c0 * np.int32(r0[k]) + c1 * np.int32(r1[k])
+        if n % 2:
+            r0 = src[(s + n - 1) % R]
+            c0 = coefs[n - 1]
+            for k in range(lanes):
+                acc[k] += c0 * np.int32(r0[k])
+        for k in range(lanes):
+            dst[k] = min(acc[k] >> 22, 255)  # weights >= 0: never below 0
+
+    def hstrip(src8, src32, words, r0, cnt, P, T, acc, tmp, dst32, d0, dR):
+        # rows r0 .. r0 + cnt of src8 (RGB bytes) -> their horizontal pass, as RGBX words in the rows
+        # (d0 + j) % dR of dst32; rows past cnt repeat the last one (computed, never written)
+        W = T.shape[0]
+        for j in range(S):  # row-major words first (P [S, W]), then transposed
+            r = r0 + min(j, cnt - 1)
+            if words:  # 4 pixels from 3 words
+                for g in range(W // 4):
+                    w0 = src32[r, 3 * g]
+                    w1 = src32[r, 3 * g + 1]
+                    w2 = src32[r, 3 * g + 2]
+                    P[j, 4 * g] = w0 & 0xFFFFFF
+                    P[j, 4 * g + 1] = (w0 >> 24) | ((w1 << 8) & 0xFFFF00)
+                    P[j, 4 * g + 2] = (w1 >> 16) | ((w2 & 0xFF) << 16)
+                    P[j, 4 * g + 3] = w2 >> 8
+            else:
+                for x in range(W):
+                    P[j, x] = np.uint32(src8[r, 3 * x]) | (np.uint32(src8[r, 3 * x + 1]) << 8) | \
+                        (np.uint32(src8[r, 3 * x + 2]) << 16)
+        for x in range(W):  # each row of T is one 128-byte block, written whole
+            for j in range(S):
+                T[x, j] = P[j, x]
+        tb = T.view(np.uint8)  # [W, S * 4]
+        for i in range(hs.shape[0]):
+            s = hs[i]
+            n = hn[i]
+            for k in range(S * 4):
                 acc[k] = 1 << 21
             for t in range(0, n - 1, 2):
-                c0 = coefs[i, t]
-                c1 = coefs[i, t + 1]
-                for k in range(lanes):
-                    acc[k] += c0 * np.int32(sb[s + t, k]) + c1 * np.int32(sb[s + t + 1, k])
+                c0 = hk[i, t]
+                c1 = hk[i, t + 1]
+                for k in range(S * 4):
+                    acc[k] += c0 * np.int32(tb[s + t, k]) + c1 * np.int32(tb[s + t + 1, k])
             if n % 2:
-                c0 = coefs[i, n - 1]
-                for k in range(lanes):
-                    acc[k] += c0 * np.int32(sb[s + n - 1, k])
-            for k in range(lanes):
-                db[i, k] = min(acc[k] >> 22, 255)  # weights >= 0: never below 0
-        return dst
+                c0 = hk[i, n - 1]
+                for k in range(S * 4):
+                    acc[k] += c0 * np.int32(tb[s + n - 1, k])
+            for k in range(S * 4):
+                tmp[i, k] = min(acc[k] >> 22, 255)
+        t32 = tmp.view(np.uint32)  # [w, S]: the strip's output, transposed
+        for j in range(cnt):
+            d = dst32[(d0 + j) % dR]
+            for i in range(hs.shape[0]):
+                d[i] = t32[i, j]
 
-    def transpose(src, scratch, block, region):
-        a, b = src.shape
-        dst = scratch[region * block:region * block + a * b].reshape((b, a))
-        a8 = a - a % 8
-        b8 = b - b % 8
-        for i0 in range(0, a8, 8):
-            for j0 in range(0, b8, 8):
-                for i in range(8):
-                    for j in range(8):
-                        dst[j0 + j, i0 + i] = src[i0 + i, j0 + j]
-            for i in range(i0, i0 + 8):
-                for j in range(b8, b):
-                    dst[j, i] = src[i, j]
-        for i in range(a8, a):
-            for j in range(b):
-                dst[j, i] = src[i, j]
-        return dst
+    def emit(row, ps, y, w, out32, outf, fused):
+        # one final row of bytes (pixel stride ps: 3 or 4) -> out32[y] words or the three planes outf[:, y]
+        if fused:
+            for c in range(3):
+                for x in range(w):
+                    outf[c, y, x] = np.float32(row[ps * x + c]) / np.float32(127.5) - np.float32(1.0)
+        else:
+            for x in range(w):
+                out32[y, x] = np.uint32(row[ps * x]) | (np.uint32(row[ps * x + 1]) << 8) | \
+                    (np.uint32(row[ps * x + 2]) << 16)
 
     H = img8.shape[0]
     W = img8.shape[1] // 3
-    block = scratch.shape[0] // 3
-    px = scratch[:H * W].reshape((H, W))  # RGBX words
-    if use_words:  # 4 pixels from 3 words
-        for y in range(H):
-            for g in range(W // 4):
-                w0 = img32[y, 3 * g]
-                w1 = img32[y, 3 * g + 1]
-                w2 = img32[y, 3 * g + 2]
-                px[y, 4 * g] = w0 & 0xFFFFFF
-                px[y, 4 * g + 1] = (w0 >> 24) | ((w1 << 8) & 0xFFFF00)
-                px[y, 4 * g + 2] = (w1 >> 16) | ((w2 & 0xFF) << 16)
-                px[y, 4 * g + 3] = w2 >> 8
-    else:
-        for y in range(H):
-            for x in range(W):
-                px[y, x] = np.uint32(img8[y, 3 * x]) | (np.uint32(img8[y, 3 * x + 1]) << 8) | \
-                    (np.uint32(img8[y, 3 * x + 2]) << 16)
     do_h = hs.shape[0] > 0
     do_v = vs.shape[0] > 0
-    region = 0  # the scratch region px lives in; each step writes to another one
-    if do_v and (vfirst or not do_h):
-        px = vpass(px, vs, vn, vk, vs.shape[0], scratch, block, 1)
-        region = 1
-        do_v = False
-    if do_h:
-        a = (region + 1) % 3
-        b = (region + 2) % 3
-        px = transpose(vpass(transpose(px, scratch, block, a), hs, hn, hk, hs.shape[0], scratch, block, b),
-                       scratch, block, a)
-        region = a
-    if do_v:
-        px = vpass(px, vs, vn, vk, vs.shape[0], scratch, block, (region + 1) % 3)
-    h, w = px.shape
-    if not fused:
+    h = vs.shape[0] if do_v else H
+    w = hs.shape[0] if do_h else W
+    kv = vk.shape[1]
+    R = min(H, kv + S)  # the ring of horizontal-pass rows the vertical pass reads
+    regions = (W * S, W * S, R * w, S * ((W * 3 + 3) // 4), S * w, (max(w * 4, W * 3) + 3) // 4,
+               max(w * 4, W * 3, S * 4), S)
+    off = np.empty(len(regions) + 1, np.intp)
+    off[0] = 0
+    for i in range(len(regions)):
+        off[i + 1] = off[i] + (regions[i] + 15) // 16 * 16
+    if off[len(regions)] > scratch.shape[0]:
+        raise ValueError("resize: work memory too small")
+    T = scratch[off[0]:off[0] + W * S].reshape((W, S))
+    P = scratch[off[1]:off[1] + W * S].reshape((S, W))
+    ring32 = scratch[off[2]:off[2] + R * w].reshape((R, w))
+    ring8 = ring32.view(np.uint8)  # [R, w * 4]
+    wq = (W * 3 + 3) // 4
+    sb8 = scratch[off[3]:off[3] + S * wq].view(np.uint8)[:S * W * 3].reshape((S, W * 3))
+    sb_words = (W * 3) % 4 == 0
+    sb32 = scratch[off[3]:off[3] + S * wq].reshape((S, wq))
+    f32 = scratch[off[4]:off[4] + S * w].reshape((S, w))
+    f8 = f32.view(np.uint8)  # [S, w * 4]
+    # small and fresh (not carved from the scratch): the compiler then knows they alias nothing else
+    row = np.empty(max(w * 4, W * 3), np.uint8)
+    acc = np.empty(max(w * 4, W * 3, S * 4), np.int32)
+    tmp = np.empty((w, S * 4), np.uint8)
+
+    if do_h and do_v and not vfirst:  # horizontal first: strips of the image -> ring -> output rows
+        done = 0
+        for y0 in range(0, H, S):
+            cnt = min(S, H - y0)
+            hstrip(img8, img32, use_words, y0, cnt, P, T, acc, tmp, ring32, y0, R)
+            top = y0 + cnt
+            while done < h and vs[done] + vn[done] <= top:
+                vrow(ring8, R, vs[done], vn[done], vk[done], w * 4, acc, row)
+                emit(row, 4, done, w, out32, outf, fused)
+                done += 1
+    elif do_h:  # vertical first (strips of its rows), or no vertical pass (strips of the image)
+        for y0 in range(0, h, S):
+            cnt = min(S, h - y0)
+            if do_v:
+                for j in range(cnt):
+                    vrow(img8, H, vs[y0 + j], vn[y0 + j], vk[y0 + j], W * 3, acc, sb8[j])
+                hstrip(sb8, sb32, sb_words, 0, cnt, P, T, acc, tmp, f32, 0, S)
+            else:
+                hstrip(img8, img32, use_words, y0, cnt, P, T, acc, tmp, f32, 0, S)
+            for j in range(cnt):
+                emit(f8[j], 4, y0 + j, w, out32, outf, fused)
+    elif do_v:  # vertical only: RGB byte rows
         for y in range(h):
-            for x in range(w):
-                out32[y, x] = px[y, x]
-        return
-    pb = px.view(np.uint8)
-    for y in range(h):
-        for c in range(3):
-            for x in range(w):
-                outf[c, y, x] = np.float32(pb[y, 4 * x + c]) / np.float32(127.5) - np.float32(1.0)
+            vrow(img8, H, vs[y], vn[y], vk[y], W * 3, acc, row)
+            emit(row, 3, y, w, out32, outf, fused)
+    else:
+        for y in range(h):
+            emit(img8[y], 3, y, w, out32, outf, fused)
 
 
 _ROUTE_LOCK = threading.Lock()
@@ -507,21 +587,29 @@ _NO_U32 = np.zeros((1, 1), np.uint32)
 _NO_F32 = np.zeros((1, 1, 1), np.float32)
 
 
+@functools.lru_cache(maxsize=128)
+def _nb_sizes(H: int, W: int, h: int, w: int):
+    """Both axes' plans and the work memory in words for [H, W] -> [h, w], looked up once per frame."""
+    vplan = _nb_plan(H, h)
+    return _nb_plan(W, w) + vplan + (_nb_scratch_words(H, W, h, w, vplan[2].shape[1]),)
+
+
 def _nb_run(kernel, img: np.ndarray, size, vfirst: bool, out32: Optional[np.ndarray], outf: Optional[np.ndarray]):
     """One image [H, W, 3] through the numba kernel into ``out32`` [h, w] words or ``outf`` [3, h, w]."""
     H, W, _ = img.shape
     img8 = np.ascontiguousarray(img).reshape(H, W * 3).view()
     img8.flags.writeable = False  # the compiled signature's type (the kernel never writes it)
-    use_words = W % 4 == 0 and img8.ctypes.data % 4 == 0
-    img32 = img8.view(np.uint32) if use_words else _NO_WORDS
-    hs, hn, hk = _nb_plan(W, size[1])
-    vs, vn, vk = _nb_plan(H, size[0])
+    img32 = _NO_WORDS
+    if W % 4 == 0:
+        img32 = img8.view(np.uint32)
+        if not img32.flags.aligned:  # not on a 4-byte boundary: the byte path
+            img32 = _NO_WORDS
+    hs, hn, hk, vs, vn, vk, need = _nb_sizes(H, W, size[0], size[1])
     fused = outf is not None
-    need = 3 * max(H, size[0]) * max(W, size[1])
     scratch = getattr(_local, "nb_scratch", None)
     if scratch is None or scratch.shape[0] < need:
         scratch = _local.nb_scratch = np.empty(need, np.uint32)
-    kernel(img8, img32, use_words, hs, hn, hk, vs, vn, vk, vfirst, _NO_U32 if fused else out32,
+    kernel(img8, img32, img32 is not _NO_WORDS, hs, hn, hk, vs, vn, vk, vfirst, _NO_U32 if fused else out32,
            outf if fused else _NO_F32, fused, scratch)
 
 
