@@ -2,8 +2,10 @@
 import faulthandler
 import importlib
 import logging
+import os
 import signal
 import sys
+import threading
 
 
 def message_class(msgtype: str):
@@ -74,6 +76,7 @@ class StopSignals:
         self.requested = None  # the first signal received
         self.ignored = 0  # signals after the first
         self.armed = False
+        self.running_armed = False  # inside run_armed's function
 
     def install(self):
         for sig in STOP_SIGNALS:
@@ -84,7 +87,15 @@ class StopSignals:
 
     def _unraisable(self, unraisable):
         """A stop can land while rclpy builds an object (a Task of the executor): the half-built object
-        then fails in its __del__. Expected after a stop, not an error: not printed as a traceback."""
+        then fails in its __del__. Expected after a stop, not an error: not printed as a traceback.
+        A stop can also land inside a weakref callback or a __del__ (e.g. importlib's module-lock
+        callback while a configure imports), where Python drops exceptions: the StopRequested would be
+        lost and the configure go on. It is delivered again, so it still ends what runs."""
+        if isinstance(unraisable.exc_value, StopRequested) and self.running_armed:
+            self.requested, self.armed = None, True
+            # sent from another thread a moment later: raised here, inside this hook, it would be dropped too
+            threading.Timer(0.005, os.kill, (os.getpid(), unraisable.exc_value.signum)).start()
+            return
         owner = getattr(unraisable.object, "__module__", "") or ""
         if self.requested is not None and owner.startswith("rclpy") and isinstance(unraisable.exc_value,
                                                                                    AttributeError):
@@ -117,10 +128,10 @@ class StopSignals:
         try:
             try:
                 if self.requested is None:  # a signal that came before (while importing) stops here
-                    self.armed = True
+                    self.armed = self.running_armed = True
                     function()
             finally:
-                self.armed = False  # a StopRequested raised right here is caught below
+                self.armed = self.running_armed = False  # a StopRequested raised right here is caught below
         except StopRequested:
             pass
 
