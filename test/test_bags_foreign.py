@@ -314,3 +314,18 @@ def test_rosbag2s_wrong_format_bag_is_named_as_such(tmp_path, capsys, storage):
     assert main(["inspect", str(copy)]) == 1
     text = "".join(capsys.readouterr())
     assert "unsupported serialization format: 'wrong_format'" in text and "corrupt" not in text
+
+
+@pytest.mark.parametrize("storage,version", [("sqlite3", 8), ("mcap", 9)])
+def test_int8_calibration_reads_every_frame_of_a_foreign_bag(tmp_path, storage, version):
+    """`--calibration-bag` / `openvino.calibration_bag` on a bag written by rosbags' Writer with rosbag2's
+    metadata (QoS encoded otherwise than in the storage): the frames are the images written, in order."""
+    from theia_ros.bags.calibration import calibration_frames
+
+    make_foreign_bag(tmp_path / "bag", storage=storage, version=version)
+    extra = calibration_frames(tmp_path / "bag", limit=N_CAM)
+    expected = [np.random.default_rng(i).integers(0, 256, (24, 32, 3), dtype=np.uint8) for i in range(N_CAM)]
+    assert len(extra.frames) == N_CAM
+    for got, want in zip(extra.frames, expected):
+        np.testing.assert_array_equal(got, want)
+    assert extra.identity["path"] == str(tmp_path / "bag") and extra.identity["bytes"] > 0
