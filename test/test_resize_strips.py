@@ -122,11 +122,12 @@ def test_too_little_work_memory_is_an_error_not_a_write_past_it():
     img8.flags.writeable = False
     hs, hn, hk = resize_module._nb_plan(64, 20)
     vs, vn, vk = resize_module._nb_plan(40, 10)
-    need = resize_module._nb_scratch_words(40, 64, 10, 20, vk.shape[1])
+    layout = resize_module._nb_layout(40, 64, 10, 20, vk.shape[1])
+    need = layout[-1]
     out32 = np.zeros((10, 20), np.uint32)
     with pytest.raises(ValueError, match="work memory"):
         kernel(img8, img8.view(np.uint32), True, hs, hn, hk, vs, vn, vk, False, out32, resize_module._NO_F32,
-               False, np.zeros(need - 1, np.uint32))
+               False, np.zeros(need - 1, np.uint32), layout)
     kernel(img8, img8.view(np.uint32), True, hs, hn, hk, vs, vn, vk, False, out32, resize_module._NO_F32,
-           False, np.zeros(need, np.uint32))
+           False, np.zeros(need, np.uint32), layout)
     assert not out32.any()

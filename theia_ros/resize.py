@@ -345,26 +345,26 @@ def _resize_one(img: np.ndarray, out: np.ndarray, ws: _Workspace) -> None:
 _STRIP = 32  # rows a horizontal pass handles at once (a compile-time constant of the numba kernel)
 
 
-def _nb_scratch_words(H, W, h, w, kv):
-    """uint32 words of work memory the numba kernel needs for [H, W] -> [h, w], ``kv`` the longest
-    vertical window: one region per buffer, each rounded up to 64 bytes (the kernel carves them in
-    this order)."""
+def _nb_layout(H, W, h, w, kv) -> np.ndarray:
+    """Where the numba kernel's buffers start in its work memory (uint32 words) for [H, W] -> [h, w],
+    ``kv`` the longest vertical window; the last entry is the words needed. In order: T and P (a strip
+    of the input as words, transposed and not), the ring of horizontal-pass rows, a strip of RGB bytes,
+    a strip of the output; each rounded up to 64 bytes."""
     S = _STRIP
-
-    def up(n):
-        return (n + 15) // 16 * 16
-
-    ring = min(H, kv + S) * w
-    return (up(W * S) * 2 + up(ring) + up(S * ((W * 3 + 3) // 4)) + up(S * w) + up((max(w * 4, W * 3) + 3) // 4)
-            + up(max(w * 4, W * 3, S * 4)) + up(S))
+    sizes = (W * S, W * S, min(H, kv + S) * w, S * ((W * 3 + 3) // 4), S * w)
+    offsets = np.zeros(len(sizes) + 1, np.intp)
+    offsets[1:] = np.cumsum([(n + 15) // 16 * 16 for n in sizes])
+    offsets.flags.writeable = False
+    return offsets
 
 
-def _nb_resize(img8, img32, use_words, hs, hn, hk, vs, vn, vk, vfirst, out32, outf, fused, scratch):  # pragma: no cover
+def _nb_resize(img8, img32, use_words, hs, hn, hk, vs, vn, vk, vfirst, out32, outf, fused,  # pragma: no cover
+               scratch, off):
     """One RGB image ``img8`` [H, W * 3] (``img32``: the same bytes as uint32 [H, W * 3 // 4] when
     ``use_words``) -> Pillow's bytes as RGBX words in ``out32`` [h, w], or (``fused``) the theia model
     input ``outf`` [3, h, w] float32: ``v / 127.5 - 1``. ``hs, hn, hk`` / ``vs, vn, vk``: first tap,
     tap count and 22-bit weights per output column / row (empty: that axis keeps its size).
-    ``scratch``: uint32 work memory of at least :func:`_nb_scratch_words` words (kept by the caller).
+    ``scratch``: uint32 work memory (kept by the caller) holding the buffers at ``off`` (:func:`_nb_layout`).
 
     The image goes through in strips of _STRIP rows, so that the work memory stays small (tens of
     kilobytes for a camera frame: in the L1/L2 caches even right after an inference evicted them):
@@ -459,15 +459,8 @@ def _nb_resize(img8, img32, use_words, hs, hn, hk, vs, vn, vk, vfirst, out32, ou
     do_v = vs.shape[0] > 0
     h = vs.shape[0] if do_v else H
     w = hs.shape[0] if do_h else W
-    kv = vk.shape[1]
-    R = min(H, kv + S)  # the ring of horizontal-pass rows the vertical pass reads
-    regions = (W * S, W * S, R * w, S * ((W * 3 + 3) // 4), S * w, (max(w * 4, W * 3) + 3) // 4,
-               max(w * 4, W * 3, S * 4), S)
-    off = np.empty(len(regions) + 1, np.intp)
-    off[0] = 0
-    for i in range(len(regions)):
-        off[i + 1] = off[i] + (regions[i] + 15) // 16 * 16
-    if off[len(regions)] > scratch.shape[0]:
+    R = min(H, vk.shape[1] + S)  # the ring of horizontal-pass rows the vertical pass reads
+    if off[off.shape[0] - 1] > scratch.shape[0]:
         raise ValueError("resize: work memory too small")
     T = scratch[off[0]:off[0] + W * S].reshape((W, S))
     P = scratch[off[1]:off[1] + W * S].reshape((S, W))
@@ -524,7 +517,7 @@ def _nb_signature(numba):
     ip = t.Array(t.intp, 1, "C", readonly=True)
     i32 = t.Array(t.int32, 2, "C", readonly=True)
     return t.void(u8, u32, t.boolean, ip, ip, i32, ip, ip, i32, t.boolean, t.Array(t.uint32, 2, "C"),
-                  t.Array(t.float32, 3, "C"), t.boolean, t.Array(t.uint32, 1, "C"))
+                  t.Array(t.float32, 3, "C"), t.boolean, t.Array(t.uint32, 1, "C"), ip)
 
 
 @functools.lru_cache(maxsize=1)
@@ -589,9 +582,9 @@ _NO_F32 = np.zeros((1, 1, 1), np.float32)
 
 @functools.lru_cache(maxsize=128)
 def _nb_sizes(H: int, W: int, h: int, w: int):
-    """Both axes' plans and the work memory in words for [H, W] -> [h, w], looked up once per frame."""
+    """Both axes' plans and the work memory's layout for [H, W] -> [h, w], looked up once per frame."""
     vplan = _nb_plan(H, h)
-    return _nb_plan(W, w) + vplan + (_nb_scratch_words(H, W, h, w, vplan[2].shape[1]),)
+    return _nb_plan(W, w) + vplan + (_nb_layout(H, W, h, w, vplan[2].shape[1]),)
 
 
 def _nb_run(kernel, img: np.ndarray, size, vfirst: bool, out32: Optional[np.ndarray], outf: Optional[np.ndarray]):
@@ -604,13 +597,14 @@ def _nb_run(kernel, img: np.ndarray, size, vfirst: bool, out32: Optional[np.ndar
         img32 = img8.view(np.uint32)
         if not img32.flags.aligned:  # not on a 4-byte boundary: the byte path
             img32 = _NO_WORDS
-    hs, hn, hk, vs, vn, vk, need = _nb_sizes(H, W, size[0], size[1])
+    hs, hn, hk, vs, vn, vk, layout = _nb_sizes(H, W, size[0], size[1])
+    need = layout[-1]
     fused = outf is not None
     scratch = getattr(_local, "nb_scratch", None)
     if scratch is None or scratch.shape[0] < need:
         scratch = _local.nb_scratch = np.empty(need, np.uint32)
     kernel(img8, img32, img32 is not _NO_WORDS, hs, hn, hk, vs, vn, vk, vfirst, _NO_U32 if fused else out32,
-           outf if fused else _NO_F32, fused, scratch)
+           outf if fused else _NO_F32, fused, scratch, layout)
 
 
 # ---- the public function ---------------------------------------------------------------------------
