@@ -193,8 +193,6 @@ def create_encoder(source, *, seed=None, backend="torch", precision=ENCODER_DEFA
     engine = create_backend(backend, model, representation=representation, precision=precision, device=device,
                             max_batch=max_batch, input_size=input_size, pos_interpolation=pos_interpolation,
                             **backend_options)
-    if not getattr(engine, "cuda_graphs", False):  # auto dropped it on the CPU: so do the other sizes' engines
-        backend_options = {k: v for k, v in backend_options.items() if k != "cuda_graphs"}
     return FeatureEncoder(model, engine, output_dtype, backend_factory=sibling_factory(engine, backend_options))
 
 
@@ -204,6 +202,8 @@ def sibling_factory(engine, options):
     model, representation = engine.model, engine.representation
     name, precision, device, max_batch = engine.name, engine.precision, str(engine.device), engine.max_batch
     options = dict(options)
+    if not getattr(engine, "cuda_graphs", False):  # auto dropped it (the CPU): the siblings are built alike
+        options.pop("cuda_graphs", None)
 
     def build(input_size, pos_interpolation):
         log.info("building a %s %s backend for %dx%d inputs (pos_interpolation %s)", name, precision,
