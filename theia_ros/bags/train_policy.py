@@ -263,12 +263,13 @@ def _features_kind(summary) -> tuple:
     """What features of one policy input must share: shape, model, representation and preprocessing (the
     position-embedding interpolation only where it changes the tokens)."""
     pre = summary_preprocessing(summary)
-    return (summary["shape"], summary["model_id"], summary["representation"], pre.profile, pre.input_size,
-            pre.pos_interpolation if pre.interpolates else None)
+    return (summary["shape"], summary["model_id"], summary["weights_id"], summary["representation"], pre.profile,
+            pre.input_size, pre.pos_interpolation if pre.interpolates else None)
 
 
 def _kind_text(summary) -> str:
-    return (f"{summary['model_id']} {summary['representation']} {summary['shape']} preprocessed "
+    return (f"{summary['model_id']} (weights {summary['weights_id'] or 'not stated'}) "
+            f"{summary['representation']} {summary['shape']} preprocessed "
             f"{describe_preprocessing(summary)}")
 
 
@@ -603,6 +604,7 @@ def _build_trainable_policy(policy, ds: Dataset, history, action_mode, params, s
         spec = ObservationSpec(cameras=ds.cameras, representation=meta["representation"],
                                feature_shape=tuple(meta["shape"]), proprio_joints=ds.proprio_names,
                                history=history, model_id=meta["model_id"] or None,
+                               weights_id=meta["weights_id"] or None,
                                preprocessing=meta["preprocessing"], input_size=meta["input_size"],
                                pos_interpolation=meta["pos_interpolation"])
         aspec = ActionSpec(joint_names=ds.action_names, mode=action_mode)

@@ -46,7 +46,12 @@ from theia_ros.nodes.qos import qos_profile
 from theia_ros.nodes.runtime import message_class, run_node
 from theia_ros.nodes.stats import LatencyWindow, LogThrottle, RateMeter
 from theia_ros.policies import ObservationBuffer, ObservationError, PolicyError, make_policy
-from theia_ros.policies.buffer import FutureStampError, PreprocessingMismatchError, check_not_ahead
+from theia_ros.policies.buffer import (
+    EncoderMismatchError,
+    FutureStampError,
+    PreprocessingMismatchError,
+    check_not_ahead,
+)
 from theia_ros.policies.safety import CommandFilter, step_dt
 from theia_ros.resources import resolve_package_path
 from theia_ros.stamps import stamp_seconds
@@ -164,7 +169,8 @@ class TheiaPolicyNode(Node):
         self.moving = False  # velocity mode: a command was sent and no zero velocity since
         self.random_features = False
         self.counts = {"commands": 0, "observation_errors": 0, "rejected_actions": 0, "stale_ticks": 0,
-                       "bad_messages": 0, "future_stamps": 0, "refused_preprocessing": 0, "zero_velocity_stops": 0}
+                       "bad_messages": 0, "future_stamps": 0, "refused_preprocessing": 0, "refused_encoder": 0,
+                       "zero_velocity_stops": 0}
         self.act_latency = LatencyWindow()
         self.command_rate = RateMeter()
         self._throttle = LogThrottle(period=2.0)
@@ -234,12 +240,16 @@ class TheiaPolicyNode(Node):
                                           f"({msg.weights_id}): actions are meaningless")
             self.buffer.push_features(camera, stamp_seconds(msg.header.stamp), array,
                                       representation=msg.representation, model_id=msg.model_id,
-                                      preprocessing=preprocessing_of(msg), arrival=arrival)
+                                      weights_id=msg.weights_id, preprocessing=preprocessing_of(msg),
+                                      arrival=arrival)
         except FutureStampError as exc:
             self._on_future_stamp(f"features from {camera}", exc)
         except PreprocessingMismatchError as exc:  # never commands from them: they never reach the buffer
             self.counts["refused_preprocessing"] += 1
             self._warn(("preprocessing", camera), f"refused features from {camera}: {exc}")
+        except EncoderMismatchError as exc:  # likewise: same shapes, other features
+            self.counts["refused_encoder"] += 1
+            self._warn(("encoder", camera), f"refused features from {camera}: {exc}")
         except (FeaturesFormatError, ObservationError) as exc:
             self.counts["bad_messages"] += 1
             self._warn(("features", camera, type(exc).__name__), f"dropped features from {camera}: {exc}")
@@ -376,14 +386,16 @@ class TheiaPolicyNode(Node):
         message = ("disabled" if not self.enabled else "stale observations: not commanding" if self.stale
                    else "commanding") + (" (features from RANDOM WEIGHTS)" if self.random_features else "") + (
             f" ({self.counts['refused_preprocessing']} features refused: other preprocessing)"
-            if self.counts["refused_preprocessing"] else "")
+            if self.counts["refused_preprocessing"] else "") + (
+            f" ({self.counts['refused_encoder']} features refused: another encoder model or weights)"
+            if self.counts["refused_encoder"] else "")
         p = self.act_latency.percentiles_ms()
         values = {"enabled": self.enabled, "stale": self.stale, "command_hz": round(self.command_rate.rate(), 2),
                   "act_ms_p50": round(p[50], 3), "act_ms_p99": round(p[99], 3),
                   "observation_age_s": round(self.buffer.age(self._now()), 3),
                   "random_weight_features": self.random_features, **self.counts, **self.safety.counts}
         warn = bool(self.random_features or self.stale or self.counts["rejected_actions"]
-                    or self.counts["refused_preprocessing"])
+                    or self.counts["refused_preprocessing"] or self.counts["refused_encoder"])
         status = diagnostic_status(f"{self.get_name()}: policy", self.policy.name, warn=warn, message=message,
                                    values=values)
         self.diag_pub.publish(diagnostic_array(self, [status]))

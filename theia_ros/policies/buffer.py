@@ -29,6 +29,11 @@ class FutureStampError(ObservationError):
     """A message stamped further ahead of the receiver's clock than the buffer tolerates."""
 
 
+class EncoderMismatchError(ObservationError):
+    """Features from another encoder model or other weights than the policy was trained on (the same
+    shapes, different features): the message says both."""
+
+
 class PreprocessingMismatchError(ObservationError):
     """Features preprocessed otherwise than the policy's were trained on (profile, input size or
     position-embedding interpolation): the message says both."""
@@ -106,13 +111,13 @@ class ObservationBuffer:
     # ---- input
 
     def push_features(self, camera: str, stamp: float, array, *, representation: str | None = None,
-                      model_id: str | None = None, preprocessing: Preprocessing | None = None,
-                      arrival: float | None = None) -> None:
-        """Add one camera's features (copied as float32). `representation`, `model_id` and
+                      model_id: str | None = None, weights_id: str | None = None,
+                      preprocessing: Preprocessing | None = None, arrival: float | None = None) -> None:
+        """Add one camera's features (copied as float32). `representation`, `model_id`, `weights_id` and
         `preprocessing` (a :class:`~theia_ros.features.Preprocessing`, e.g.
         :func:`~theia_ros.features.preprocessing_of` the message), when given, are checked against the
-        spec (other preprocessing: :class:`PreprocessingMismatchError`); `arrival`: when it arrived
-        (see the class)."""
+        spec (another model or weights: :class:`EncoderMismatchError`, other preprocessing:
+        :class:`PreprocessingMismatchError`); `arrival`: when it arrived (see the class)."""
         spec = self.spec
         if camera not in self._frames:
             raise ObservationError(f"unknown camera {camera!r}; the policy observes {self._cams}")
@@ -123,8 +128,11 @@ class ObservationBuffer:
             raise ObservationError(
                 f"camera {camera!r}: representation {representation!r}, the policy needs {spec.representation!r}")
         if model_id is not None and spec.model_id is not None and model_id != spec.model_id:
-            raise ObservationError(f"camera {camera!r}: features from model {model_id!r}, the policy "
-                                   f"was trained on {spec.model_id!r}")
+            raise EncoderMismatchError(f"camera {camera!r}: features from model {model_id!r}, the policy "
+                                       f"was trained on {spec.model_id!r}")
+        if weights_id is not None and spec.weights_id is not None and weights_id != spec.weights_id:
+            raise EncoderMismatchError(f"camera {camera!r}: features from weights {weights_id!r}, the policy "
+                                       f"was trained on features of {spec.weights_id!r}")
         if preprocessing is not None:
             why = self._trained.mismatch(preprocessing)
             if why is not None:

@@ -61,6 +61,9 @@ class ObservationSpec:
     model_id: optional encoder model id (e.g. "theaiinstitute/theia-tiny-patch16-224-cddsv");
         when set, features tagged with another model id are rejected (cdiv and cddsv have the
         same shape but different features).
+    weights_id: optional id of the encoder weights the features came from (the Features message's
+        ``weights_id``: ``sha256:<file hash>`` or ``random:<variant>:seed=<n>``); when set, features
+        tagged with other weights are rejected too (another revision of a model, another random seed).
     preprocessing, input_size, pos_interpolation: how the features were made (the Features
         message's fields of those names, see :class:`theia_ros.features.Preprocessing`): features
         made otherwise are refused. None: "theia"; input_size None: 224x224 for "theia", any size
@@ -75,6 +78,7 @@ class ObservationSpec:
     proprio_joints: list[str] = field(default_factory=list)
     history: int = 1
     model_id: str | None = None
+    weights_id: str | None = None
     preprocessing: str | None = None
     input_size: tuple[int, int] | None = None
     pos_interpolation: str | None = None
@@ -91,6 +95,10 @@ class ObservationSpec:
         if isinstance(self.history, bool) or not isinstance(self.history, (int, np.integer)) or self.history < 1:
             raise PolicyConfigError(f"history must be an int >= 1, got {self.history!r}")
         self.history = int(self.history)
+        for key in ("model_id", "weights_id"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise PolicyConfigError(f"{key} must be a non-empty string (or absent), got {value!r}")
         if self.preprocessing is not None and self.preprocessing not in PREPROCESSING_PROFILES:
             raise PolicyConfigError(f"preprocessing must be one of {list(PREPROCESSING_PROFILES)}, got "
                                     f"{self.preprocessing!r}")
@@ -151,8 +159,9 @@ class ObservationSpec:
             "proprio_joints": list(self.proprio_joints),
             "history": self.history,
         }
-        if self.model_id is not None:
-            d["model_id"] = self.model_id
+        for key in ("model_id", "weights_id"):  # absent: not checked
+            if getattr(self, key) is not None:
+                d[key] = getattr(self, key)
         for key in ("preprocessing", "input_size", "pos_interpolation"):  # absent: the reference (see the class)
             value = getattr(self, key)
             if value is not None:

@@ -92,7 +92,8 @@ class Agent:
         while self.pending and self.pending[0][0] <= now + 1e-9:
             arrival, stamp, features = self.pending.popleft()
             self.buffer.push_features(self.camera, stamp, features, representation=self.meta["representation"],
-                                      model_id=self.meta["model_id"], preprocessing=Preprocessing(),
+                                      model_id=self.meta["model_id"], weights_id=self.meta["weights_id"],
+                                      preprocessing=Preprocessing(),
                                       arrival=arrival)
 
     def act(self, now, measured=None):
