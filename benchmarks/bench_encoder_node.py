@@ -8,7 +8,8 @@ Two runs: one camera at 15 Hz, and two cameras at 10 Hz each; 640x480 rgb8, thei
 weights: speed is the same as real ones). Prints per-stage medians (the node's own diagnostics),
 end-to-end latency (image stamp -> features received here) p50/p99, frames in/out, the encoder's
 RSS at 1/3 and at the end of the run, and the budgets:
-  node overhead (callback entry -> publish return, minus inference) p50 <= 1.5 ms
+  node overhead (callback entry -> publish return, minus inference) p50 <= 1.5 ms with the torch
+    backend (issue 5), <= 2 ms with the others (issue 17: openvino, onnxruntime, tensorrt)
   end-to-end p50 - inference p50 <= 6 ms (two DDS hops included)
   two cameras at 10 Hz: sustained, no growing backlog (depth-1 queues cannot grow, so: drops
   <= 1% and end-to-end latency not drifting up), RSS at the end within 5% of RSS at 1/3.
@@ -95,6 +96,11 @@ def run_case(client, cameras, rate, seconds, threads, workdir, backend="torch", 
     return rows, rss_early, rss_end
 
 
+def overhead_budget_ms(backend):
+    """The node-overhead budget per frame: 1.5 ms for torch (issue 5), 2 ms for the faster backends (issue 17)."""
+    return 1.5 if backend == "torch" else 2.0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=30.0)
@@ -118,6 +124,7 @@ def main():
           "publish p50 | node overhead p50 / p99 | e2e p50 / p99 | e2e - inference p50 |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     verdicts = []
+    budget = overhead_budget_ms(args.backend)
     for cameras, rate, rows, early, end in results:
         case = f"{len(cameras)} cam @ {rate:g} Hz"
         for r in rows:
@@ -127,8 +134,8 @@ def main():
                   f"{r['inference_ms_p50']:.1f} / {r['inference_ms_p99']:.1f} | {r['publish_ms_p50']:.2f} | "
                   f"{r['node_overhead_ms_p50']:.2f} / {r['node_overhead_ms_p99']:.2f} | "
                   f"{r['e2e_p50']:.1f} / {r['e2e_p99']:.1f} | {gap:.1f} |")
-            verdicts.append((f"{case} {r['camera']}: node overhead p50 <= 1.5 ms", r["node_overhead_ms_p50"] <= 1.5,
-                             f"{r['node_overhead_ms_p50']:.2f} ms"))
+            verdicts.append((f"{case} {r['camera']}: node overhead p50 <= {budget:g} ms",
+                             r["node_overhead_ms_p50"] <= budget, f"{r['node_overhead_ms_p50']:.2f} ms"))
             verdicts.append((f"{case} {r['camera']}: e2e p50 - inference p50 <= 6 ms", gap <= 6.0, f"{gap:.1f} ms"))
         if len(cameras) == 2:
             growth = (end - early) / early
