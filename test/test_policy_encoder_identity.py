@@ -51,10 +51,13 @@ def test_the_buffer_refuses_features_of_other_weights_and_names_both():
                                f"features of '{SEED0}'")
     with pytest.raises(EncoderMismatchError, match="weights ''"):  # a message that states no weights
         buffer.push_features("front", 2.0, 2 * x, model_id=RANDOM_TINY, weights_id="")
-    with pytest.raises(EncoderMismatchError, match="from model 'random:theia-small"):  # the model too, as before
-        buffer.push_features("front", 2.0, 2 * x, model_id="random:theia-small-patch16-224-cddsv", weights_id=SEED0)
+    with pytest.raises(EncoderMismatchError, match="from model 'random:theia-small"):  # no weights stated: the model
+        buffer.push_features("front", 2.0, 2 * x, model_id="random:theia-small-patch16-224-cddsv")
     assert issubclass(EncoderMismatchError, ObservationError)
     assert buffer.newest_stamp() == 1.0  # nothing refused reached the buffer
+    # the same weights loaded from a directory (whose path is the model id) on another robot: accepted
+    buffer.push_features("front", 3.0, 3 * x, model_id="/opt/models/theia-tiny", weights_id=SEED0)
+    assert buffer.newest_stamp() == 3.0
     # a checkpoint without weights_id (older ones) accepts any weights of its model
     ObservationBuffer(_spec(model_id=RANDOM_TINY)).push_features("front", 1.0, x, model_id=RANDOM_TINY,
                                                                   weights_id=SEED1)

@@ -132,10 +132,11 @@ def test_closed_loop_refuses_bad_set_ups(sim, shipped, reference):
         run_episode(sim, 0, agent, config=ClosedLoopConfig(camera="wrist"))
 
     class OtherModel:  # the policy node's identity check holds in the loop too: another model is refused
-        metadata = {**fp32.metadata, "model_id": "random:theia-small-patch16-224-cddsv"}
+        metadata = {**fp32.metadata, "model_id": "random:theia-small-patch16-224-cddsv",
+                    "weights_id": "random:theia-small-patch16-224-cddsv:seed=0"}
         encode = fp32.encode
 
     from theia_ros.policies import ObservationError
 
-    with pytest.raises(ObservationError, match="trained on 'random:theia-tiny"):
+    with pytest.raises(ObservationError, match="trained on features of 'random:theia-tiny"):
         run_episode(sim, 0, Agent(OtherModel(), shipped), config=ClosedLoopConfig(duration=0.3))

@@ -127,12 +127,13 @@ class ObservationBuffer:
         if representation is not None and representation != spec.representation:
             raise ObservationError(
                 f"camera {camera!r}: representation {representation!r}, the policy needs {spec.representation!r}")
-        if model_id is not None and spec.model_id is not None and model_id != spec.model_id:
+        if weights_id is not None and spec.weights_id is not None:  # the weights decide: a model id may be a path
+            if weights_id != spec.weights_id:
+                raise EncoderMismatchError(f"camera {camera!r}: features from weights {weights_id!r}, the policy "
+                                           f"was trained on features of {spec.weights_id!r}")
+        elif model_id is not None and spec.model_id is not None and model_id != spec.model_id:
             raise EncoderMismatchError(f"camera {camera!r}: features from model {model_id!r}, the policy "
                                        f"was trained on {spec.model_id!r}")
-        if weights_id is not None and spec.weights_id is not None and weights_id != spec.weights_id:
-            raise EncoderMismatchError(f"camera {camera!r}: features from weights {weights_id!r}, the policy "
-                                       f"was trained on features of {spec.weights_id!r}")
         if preprocessing is not None:
             why = self._trained.mismatch(preprocessing)
             if why is not None:

@@ -63,7 +63,9 @@ class ObservationSpec:
         same shape but different features).
     weights_id: optional id of the encoder weights the features came from (the Features message's
         ``weights_id``: ``sha256:<file hash>`` or ``random:<variant>:seed=<n>``); when set, features
-        tagged with other weights are rejected too (another revision of a model, another random seed).
+        tagged with other weights are rejected (another revision of a model, another random seed) and
+        the weights decide instead of `model_id` (the same weights loaded from another directory,
+        whose path is their model id, are accepted).
     preprocessing, input_size, pos_interpolation: how the features were made (the Features
         message's fields of those names, see :class:`theia_ros.features.Preprocessing`): features
         made otherwise are refused. None: "theia"; input_size None: 224x224 for "theia", any size
