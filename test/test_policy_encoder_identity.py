@@ -135,6 +135,7 @@ def test_the_policy_node_refuses_features_of_another_seed_and_commands_on_its_ow
             assert any(s.level == DiagnosticStatus.WARN and "another encoder model or weights" in s.message
                        for _, a in diags[-3:] for s in a.status if s.name == "theia_policy: policy")
             out = policy.output()
+            assert f"from encoder model_id {RANDOM_TINY}, weights_id {SEED0}, joints" in out, out  # the start-up line
             assert (f"refused features from front: camera 'front': features from weights '{SEED1}', the policy was "
                     f"trained on features of '{SEED0}'") in out, out
 

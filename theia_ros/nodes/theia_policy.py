@@ -194,7 +194,7 @@ class TheiaPolicyNode(Node):
         self.get_logger().info(
             f"policy {self.policy.name} ({type(self.policy).__name__}): cameras {spec.cameras} "
             f"{spec.representation} {list(spec.feature_shape)} x{spec.history} preprocessed "
-            f"{spec.trained_preprocessing.describe()}, joints {action.joint_names} "
+            f"{spec.trained_preprocessing.describe()}{encoder_text(spec)}, joints {action.joint_names} "
             f"({action.mode}), {p.command_format} on {self.command_pub.topic_name} at {p.rate} Hz, "
             f"{'enabled' if self.enabled else 'disabled (call ~/enable)'}")
 
@@ -399,6 +399,12 @@ class TheiaPolicyNode(Node):
         status = diagnostic_status(f"{self.get_name()}: policy", self.policy.name, warn=warn, message=message,
                                    values=values)
         self.diag_pub.publish(diagnostic_array(self, [status]))
+
+
+def encoder_text(spec) -> str:
+    """The encoder a checkpoint's features must come from, for the start-up line ('' when it names none)."""
+    ids = [f"{key} {getattr(spec, key)}" for key in ("model_id", "weights_id") if getattr(spec, key) is not None]
+    return f", from encoder {', '.join(ids)}" if ids else ""
 
 
 def main(argv=None):
