@@ -58,6 +58,9 @@ from theia_ros.stamps import stamp_seconds
 
 SAME_AS_JOINT_NAMES = "__same_as_joint_names__"  # proprio_joints default: observe the commanded joints
 NO_LIMITS = [0.0]  # joint_lower / joint_upper placeholder: the policy's own limits
+# features refused before the buffer (same shapes, other meaning): their diagnostics count and why
+REFUSALS = {PreprocessingMismatchError: ("refused_preprocessing", "other preprocessing"),
+            EncoderMismatchError: ("refused_encoder", "another encoder model or weights")}
 
 POLICY_PARAMETERS = (
     Param("policy", "hold", "Policy: a registered name (hold, mlp, theia_head, or a plugin's entry point) or a "
@@ -169,8 +172,8 @@ class TheiaPolicyNode(Node):
         self.moving = False  # velocity mode: a command was sent and no zero velocity since
         self.random_features = False
         self.counts = {"commands": 0, "observation_errors": 0, "rejected_actions": 0, "stale_ticks": 0,
-                       "bad_messages": 0, "future_stamps": 0, "refused_preprocessing": 0, "refused_encoder": 0,
-                       "zero_velocity_stops": 0}
+                       "bad_messages": 0, "future_stamps": 0, "zero_velocity_stops": 0,
+                       **{key: 0 for key, _ in REFUSALS.values()}}
         self.act_latency = LatencyWindow()
         self.command_rate = RateMeter()
         self._throttle = LogThrottle(period=2.0)
@@ -244,12 +247,10 @@ class TheiaPolicyNode(Node):
                                       arrival=arrival)
         except FutureStampError as exc:
             self._on_future_stamp(f"features from {camera}", exc)
-        except PreprocessingMismatchError as exc:  # never commands from them: they never reach the buffer
-            self.counts["refused_preprocessing"] += 1
-            self._warn(("preprocessing", camera), f"refused features from {camera}: {exc}")
-        except EncoderMismatchError as exc:  # likewise: same shapes, other features
-            self.counts["refused_encoder"] += 1
-            self._warn(("encoder", camera), f"refused features from {camera}: {exc}")
+        except tuple(REFUSALS) as exc:  # never commands from them: they never reach the buffer
+            key = REFUSALS[type(exc)][0]
+            self.counts[key] += 1
+            self._warn((key, camera), f"refused features from {camera}: {exc}")
         except (FeaturesFormatError, ObservationError) as exc:
             self.counts["bad_messages"] += 1
             self._warn(("features", camera, type(exc).__name__), f"dropped features from {camera}: {exc}")
@@ -385,17 +386,15 @@ class TheiaPolicyNode(Node):
     def _publish_diagnostics(self):
         message = ("disabled" if not self.enabled else "stale observations: not commanding" if self.stale
                    else "commanding") + (" (features from RANDOM WEIGHTS)" if self.random_features else "") + (
-            f" ({self.counts['refused_preprocessing']} features refused: other preprocessing)"
-            if self.counts["refused_preprocessing"] else "") + (
-            f" ({self.counts['refused_encoder']} features refused: another encoder model or weights)"
-            if self.counts["refused_encoder"] else "")
+            "".join(f" ({self.counts[key]} features refused: {why})" for key, why in REFUSALS.values()
+                    if self.counts[key]))
         p = self.act_latency.percentiles_ms()
         values = {"enabled": self.enabled, "stale": self.stale, "command_hz": round(self.command_rate.rate(), 2),
                   "act_ms_p50": round(p[50], 3), "act_ms_p99": round(p[99], 3),
                   "observation_age_s": round(self.buffer.age(self._now()), 3),
                   "random_weight_features": self.random_features, **self.counts, **self.safety.counts}
         warn = bool(self.random_features or self.stale or self.counts["rejected_actions"]
-                    or self.counts["refused_preprocessing"] or self.counts["refused_encoder"])
+                    or any(self.counts[key] for key, _ in REFUSALS.values()))
         status = diagnostic_status(f"{self.get_name()}: policy", self.policy.name, warn=warn, message=message,
                                    values=values)
         self.diag_pub.publish(diagnostic_array(self, [status]))
