@@ -9,6 +9,7 @@ import threading
 import time
 
 import rclpy
+import yaml
 from rclpy.context import Context
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -128,3 +129,18 @@ def wait_until(predicate, timeout, interval=0.02):
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+def params_file(path, node, params):
+    """Write a ROS 2 parameters file for node `node` at `path`; returns `path`."""
+    path.write_text(yaml.safe_dump({node: {"ros__parameters": params}}))
+    return path
+
+
+def diagnostic_values(diags, name):
+    """The key/values of the newest status named `name` in `diags` ((time, DiagnosticArray) pairs), or None."""
+    for _, array in reversed(diags):
+        for status in array.status:
+            if status.name == name:
+                return {kv.key: kv.value for kv in status.values}
+    return None

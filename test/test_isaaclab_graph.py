@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from rosbags.rosbag2 import StoragePlugin, Writer
+from feature_bags import train_mlp, write_features_bag
 from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 
 from theia_ros.bags import io as bag_io
 from theia_ros.cli.main import main
-from theia_ros.features import Preprocessing, encode_array, preprocessing_of, to_features_msg
+from theia_ros.features import Preprocessing, preprocessing_of, to_features_msg
 from theia_ros.policies import ActionSpec, ObservationError, ObservationSpec, PolicyConfigError, make_policy
 from theia_ros.policies.buffer import ObservationBuffer, PreprocessingMismatchError
 
@@ -165,67 +165,6 @@ def _old_store():
     return store
 
 
-def _header(store, t_ns, frame_id="front"):
-    return store.types["std_msgs/msg/Header"](
-        stamp=store.types["builtin_interfaces/msg/Time"](sec=t_ns // 10**9, nanosec=t_ns % 10**9), frame_id=frame_id)
-
-
-def _features(store, t_ns, array, camera="front", **new_fields):
-    shape, code, data = encode_array(np.asarray(array, np.float32))
-    fields = dict(header=_header(store, t_ns, camera), camera=camera, model_id="m", representation="tokens",
-                  weights_id="w", random_weights=False, shape=np.asarray(shape, np.uint32), dtype=code,
-                  data=np.frombuffer(data, np.uint8))
-    cls = store.types[bag_io.FEATURES_TYPE]
-    if "preprocessing" in cls.__dataclass_fields__:  # today's definition: the new fields empty unless given
-        new_fields = {"preprocessing": "", "pos_interpolation": "", "input_size": [], "patch_grid": [], **new_fields}
-    for name, value in new_fields.items():
-        fields[name] = np.asarray(value, np.uint32) if name in ("input_size", "patch_grid") else value
-    return cls(**fields)
-
-
-def _command(store, values):
-    t = store.types
-    return t["std_msgs/msg/Float64MultiArray"](layout=t["std_msgs/msg/MultiArrayLayout"](dim=[], data_offset=0),
-                                               data=np.asarray(values, float))
-
-
-def write_features_bag(path, store, n=24, storage="mcap", shape=(196, 4), image=False, **new_fields):
-    """/front/features (in `store`'s definition of Features), /features/synchronized, /cmd commands at the
-    frames' receive times, optionally a /cam/image_raw camera: 10 Hz; returns the expected arrays."""
-    w = Writer(path, version=9, storage_plugin=StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3)
-    w.open()
-    cf = w.add_connection("/front/features", bag_io.FEATURES_TYPE, typestore=store)
-    cm = w.add_connection("/features/synchronized", bag_io.MULTI_FEATURES_TYPE, typestore=store)
-    cc = w.add_connection("/cmd", "std_msgs/msg/Float64MultiArray", typestore=store)
-    ci = w.add_connection("/cam/image_raw", bag_io.IMAGE_TYPE, typestore=store) if image else None
-    arrays = []
-    for k in range(n):
-        t = 10**9 + k * 10**8
-        x = np.random.default_rng(k).standard_normal(shape).astype(np.float32)
-        arrays.append(x)
-        msg = _features(store, t, x, **new_fields)
-        w.write(cf, t, store.serialize_cdr(msg, bag_io.FEATURES_TYPE))
-        multi = store.types[bag_io.MULTI_FEATURES_TYPE](header=msg.header, max_stamp_skew=0.0, cameras=[msg, msg])
-        w.write(cm, t, store.serialize_cdr(multi, bag_io.MULTI_FEATURES_TYPE))
-        w.write(cc, t, store.serialize_cdr(_command(store, [float(x.mean()), float(k)]),
-                                           "std_msgs/msg/Float64MultiArray"))
-        if ci is not None:
-            rgb = np.random.default_rng(100 + k).integers(0, 256, (120, 160, 3), dtype=np.uint8)
-            img = store.types[bag_io.IMAGE_TYPE](header=_header(store, t, "cam"), height=120, width=160,
-                                                 encoding="rgb8", is_bigendian=0, step=480, data=rgb.reshape(-1))
-            w.write(ci, t, store.serialize_cdr(img, bag_io.IMAGE_TYPE))
-    w.close()
-    return arrays
-
-
-def _train(bag, out, capsys, *extra):
-    args = ["train-policy", *map(str, bag if isinstance(bag, list) else [bag]), "--policy", "mlp", "--out", str(out),
-            "--action-topic", "/cmd", "--features-topics", "/front/features", "--stamp", "receive", "--epochs", "1",
-            "--batch-size", "4", "--param", "hidden_sizes=[8]", "--no-plot", "--threads", "1", *extra]
-    code = main(args)
-    return code, capsys.readouterr()
-
-
 @pytest.mark.parametrize("storage", ["mcap", "sqlite3"])
 def test_bags_of_the_old_definition_are_read_by_inspect_and_train_policy(tmp_path, capsys, storage):
     bag = tmp_path / "old"
@@ -255,7 +194,7 @@ def test_bags_of_the_old_definition_are_read_by_inspect_and_train_policy(tmp_pat
     np.testing.assert_array_equal(features_to_numpy(got["/features/synchronized"][5].cameras[1]), arrays[5])
 
     out = tmp_path / "ckpt"
-    code, printed = _train(bag, out, capsys)
+    code, printed = train_mlp(bag, out, capsys)
     assert code == 0, printed.err
     assert "preprocessing theia at 224x224" in printed.out
     observation = yaml.safe_load((out / "config.yaml").read_text())["observation"]
@@ -298,7 +237,7 @@ def test_train_policy_records_the_isaaclab_preprocessing_and_refuses_mixed_bags(
     write_features_bag(theia, store, shape=(70, 8), preprocessing="theia", pos_interpolation="scale_factor",
                        input_size=[120, 160], patch_grid=[7, 10])
     out = tmp_path / "ckpt"
-    code, printed = _train(isaac, out, capsys)
+    code, printed = train_mlp(isaac, out, capsys)
     assert code == 0, printed.err
     observation = yaml.safe_load((out / "config.yaml").read_text())["observation"]
     assert {k: observation[k] for k in ("preprocessing", "input_size", "pos_interpolation", "feature_shape")} == {
@@ -306,7 +245,7 @@ def test_train_policy_records_the_isaaclab_preprocessing_and_refuses_mixed_bags(
         "feature_shape": [70, 8]}
     assert make_policy(None, checkpoint=out).observation_spec.trained_preprocessing == ISAACLAB_120x160
 
-    code, printed = _train([isaac, theia], tmp_path / "mixed", capsys)
+    code, printed = train_mlp([isaac, theia], tmp_path / "mixed", capsys)
     assert code == 1
     assert "preprocessed isaaclab at 120x160 (pos_interpolation scale_factor)" in printed.err
     assert "preprocessed theia at 120x160 (pos_interpolation scale_factor)" in printed.err
@@ -350,19 +289,6 @@ def _policy_checkpoint(path, preprocessing):
     return policy.save_pretrained(path)
 
 
-def _params_file(path, node, params):
-    path.write_text(yaml.safe_dump({node: {"ros__parameters": params}}))
-    return path
-
-
-def _diag_values(diags, name):
-    for _, array in reversed(diags):
-        for status in array.status:
-            if status.name == name:
-                return {kv.key: kv.value for kv in status.values}
-    return None
-
-
 @pytest.mark.ros
 def test_isaaclab_encoder_feeds_its_policy_and_a_theia_policy_refuses(ros_client, tmp_path):
     from diagnostic_msgs.msg import DiagnosticArray
@@ -374,7 +300,7 @@ def test_isaaclab_encoder_feeds_its_policy_and_a_theia_policy_refuses(ros_client
     from theia_ros.msg import Features
     from theia_ros.preprocess import PreprocessConfig
 
-    from ros_helpers import NodeProcess, wait_until
+    from ros_helpers import NodeProcess, diagnostic_values, params_file, wait_until
 
     isaac_ckpt = _policy_checkpoint(tmp_path / "isaac_policy", "isaaclab")
     theia_ckpt = _policy_checkpoint(tmp_path / "theia_policy", "theia")
@@ -403,11 +329,11 @@ def test_isaaclab_encoder_feeds_its_policy_and_a_theia_policy_refuses(ros_client
             time.sleep(0.2)
 
     encoder = NodeProcess("theia_ros.nodes.theia_encoder", "--ros-args", "--params-file",
-                          _params_file(tmp_path / "encoder.yaml", "theia_encoder", encoder_params))
-    isaac_policy = NodeProcess("theia_ros.nodes.theia_policy", "--ros-args", "--params-file", _params_file(
+                          params_file(tmp_path / "encoder.yaml", "theia_encoder", encoder_params))
+    isaac_policy = NodeProcess("theia_ros.nodes.theia_policy", "--ros-args", "--params-file", params_file(
         tmp_path / "isaac.yaml", "theia_policy", {**policy_common, "policy_checkpoint": str(isaac_ckpt)}))
     theia_policy = NodeProcess("theia_ros.nodes.theia_policy", "--ros-args", "-r", "__node:=refusing_policy", "-r",
-                               "commands:=refusing/commands", "--params-file", _params_file(
+                               "commands:=refusing/commands", "--params-file", params_file(
                                    tmp_path / "theia.yaml", "refusing_policy",
                                    {**policy_common, "policy_checkpoint": str(theia_ckpt)}))
     feeder = threading.Thread(target=camera, daemon=True)
@@ -416,11 +342,11 @@ def test_isaaclab_encoder_feeds_its_policy_and_a_theia_policy_refuses(ros_client
             assert ros_client.wait_for_subscribers(pub, timeout=90), encoder.output()
             feeder.start()
             assert wait_until(lambda: len(isaac_cmds) >= 3, 120), encoder.output() + isaac_policy.output()
-            assert wait_until(lambda: (_diag_values(diags, "refusing_policy: policy") or {}).get(
+            assert wait_until(lambda: (diagnostic_values(diags, "refusing_policy: policy") or {}).get(
                 "refused_preprocessing", "0") != "0", 60), theia_policy.output()
             time.sleep(1.5)  # the theia policy has had features for a while by now
-            refused = _diag_values(diags, "refusing_policy: policy")
-            accepted = _diag_values(diags, "theia_policy: policy")
+            refused = diagnostic_values(diags, "refusing_policy: policy")
+            accepted = diagnostic_values(diags, "theia_policy: policy")
             assert theia_cmds == [], theia_policy.output()
             assert refused["commands"] == "0" and int(refused["refused_preprocessing"]) >= 3
             assert accepted["refused_preprocessing"] == "0" and int(accepted["commands"]) >= 3
@@ -450,12 +376,12 @@ def test_isaaclab_encoder_feeds_its_policy_and_a_theia_policy_refuses(ros_client
 
 @pytest.mark.ros
 def test_the_encoder_refuses_a_bad_per_camera_input_size_at_configure(tmp_path):
-    from ros_helpers import NodeProcess, wait_until
+    from ros_helpers import NodeProcess, params_file, wait_until
 
     params = {"model": RANDOM_TINY, "backend": "torch", "device": "cpu", "cameras": ["a", "b"], "torch_threads": 1,
               "preprocessing": "isaaclab", "b": {"input_size": [8, 8]}}
     with NodeProcess("theia_ros.nodes.theia_encoder", "--ros-args", "--params-file",
-                     _params_file(tmp_path / "encoder.yaml", "theia_encoder", params)) as node:
+                     params_file(tmp_path / "encoder.yaml", "theia_encoder", params)) as node:
         assert wait_until(lambda: "configure failed" in node.output(), 60), node.output()
         assert ("configure failed: parameter b.input_size (or input_size)=[8, 8]: needs [height, width], each >= 16"
                 in node.output())

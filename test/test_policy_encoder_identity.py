@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from test_isaaclab_graph import _diag_values, _params_file, _train, write_features_bag
+from feature_bags import train_mlp, write_features_bag
 
 from theia_ros.bags import io as bag_io
 from theia_ros.policies import ObservationError, ObservationSpec, PolicyConfigError, make_policy
@@ -81,13 +81,13 @@ def test_train_policy_records_the_weights_of_a_foreign_bag_and_refuses_mixed_wei
     write_features_bag(a, store, weights_id="sha256:aaaa")
     write_features_bag(b, store, storage="sqlite3", weights_id="sha256:aaaa")
     write_features_bag(c, store, weights_id="sha256:bbbb")
-    code, printed = _train([a, b], tmp_path / "ckpt", capsys)
+    code, printed = train_mlp([a, b], tmp_path / "ckpt", capsys)
     assert code == 0, printed.err
     observation = yaml.safe_load((tmp_path / "ckpt" / "config.yaml").read_text())["observation"]
     assert (observation["model_id"], observation["weights_id"]) == ("m", "sha256:aaaa")
     assert make_policy(None, checkpoint=tmp_path / "ckpt").observation_spec.weights_id == "sha256:aaaa"
 
-    code, printed = _train([a, c], tmp_path / "mixed", capsys)
+    code, printed = train_mlp([a, c], tmp_path / "mixed", capsys)
     assert code != 0 and not (tmp_path / "mixed" / "config.yaml").exists()
     assert "m (weights sha256:aaaa)" in printed.err and "m (weights sha256:bbbb)" in printed.err, printed.err
 
@@ -102,7 +102,7 @@ def test_the_policy_node_refuses_features_of_another_seed_and_commands_on_its_ow
     from theia_ros.features import to_features_msg
     from theia_ros.msg import Features
 
-    from ros_helpers import NodeProcess, wait_until
+    from ros_helpers import NodeProcess, diagnostic_values, params_file, wait_until
 
     commands, _ = ros_client.collect(Float64MultiArray, "commands")
     diags, _ = ros_client.collect(DiagnosticArray, "/diagnostics")
@@ -122,15 +122,15 @@ def test_the_policy_node_refuses_features_of_another_seed_and_commands_on_its_ow
     params = {"policy": "", "policy_checkpoint": str(ROOT / "config" / "demo_policy"), "cameras": ["front"],
               "rate": 10.0, "max_observation_age": 1.0, "diagnostics_period": 0.3, "torch_threads": 1}
     policy = NodeProcess("theia_ros.nodes.theia_policy", "--ros-args", "--params-file",
-                         _params_file(tmp_path / "policy.yaml", "theia_policy", params))
+                         params_file(tmp_path / "policy.yaml", "theia_policy", params))
     feeder = threading.Thread(target=camera, daemon=True)
     try:
         with policy:
             assert ros_client.wait_for_subscribers(pub, timeout=90), policy.output()
             feeder.start()
-            assert wait_until(lambda: int((_diag_values(diags, "theia_policy: policy") or {}).get(
+            assert wait_until(lambda: int((diagnostic_values(diags, "theia_policy: policy") or {}).get(
                 "refused_encoder", "0")) >= 5, 60), policy.output()
-            values = _diag_values(diags, "theia_policy: policy")
+            values = diagnostic_values(diags, "theia_policy: policy")
             assert commands == [] and values["commands"] == "0", values
             assert any(s.level == DiagnosticStatus.WARN and "another encoder model or weights" in s.message
                        for _, a in diags[-3:] for s in a.status if s.name == "theia_policy: policy")

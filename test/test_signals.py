@@ -12,14 +12,13 @@ import time
 
 import numpy as np
 import pytest
-import yaml
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Float64MultiArray
 
 from theia_ros.features import to_features_msg
 from theia_ros.msg import Features
 
-from ros_helpers import NodeProcess, wait_until
+from ros_helpers import NodeProcess, params_file, wait_until
 
 pytestmark = pytest.mark.ros
 
@@ -50,15 +49,9 @@ class Feeder:
         self.thread.join()
 
 
-def params_file(tmp_path, node, params):
-    path = tmp_path / f"{node}.yaml"
-    path.write_text(yaml.safe_dump({node: {"ros__parameters": params}}))
-    return path
-
-
 def start(tmp_path, node, **params):
-    return NodeProcess(f"theia_ros.nodes.{node}", "--ros-args", "--params-file", params_file(tmp_path, node, params),
-                       name=node)
+    path = params_file(tmp_path / f"{node}.yaml", node, params)
+    return NodeProcess(f"theia_ros.nodes.{node}", "--ros-args", "--params-file", path, name=node)
 
 
 def image_feeder(client, topic, height=120, width=160):
